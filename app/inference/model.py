@@ -1,0 +1,295 @@
+"""A served Deep Potential model: manifest + ONNX graph + the numpy descriptor.
+
+The ONNX graph holds, per element t of the model's ``type_map``, one input and two outputs (names listed
+in the manifest, by default ``x{t}``, ``e{t}``, ``g{t}``):
+
+* ``x{t}``: the descriptor input of the centre atoms of element t: loc_frame (n_t, dim) flat features,
+  se_e2_a (n_t, nslot, 4) environment rows. Raw (un-normalised): normalisation is inside the graph.
+* ``e{t}`` (n_t,): atomic energies without the per-element bias (eV).
+* ``g{t}``: dE/dx{t}, same shape as x{t}.
+
+The per-element energy bias is added here in float64 and the total is summed in float64, so a
+100k-atom total keeps meV precision even with a float32 graph. Forces and virial follow from g by the
+descriptor's vector-Jacobian product (:mod:`app.physics`), so forces are exactly -dE/dr of the returned
+energy up to floating point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.physics.descriptors import LocFrame, make_descriptor
+from app.physics.forces import accumulate_forces_virial
+from app.physics.neighbors import neighbor_list
+
+__all__ = ["Frame", "DeepPotModel", "ModelLoadError", "MANIFEST_NAME", "sha256_file", "available_providers"]
+
+log = logging.getLogger(__name__)
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory that cannot be served (the message says why)."""
+
+
+@dataclass
+class Frame:
+    """One configuration in the model's element indices. positions (N, 3) A; cell (3, 3) rows or None."""
+
+    types: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray | None = None
+    pbc: np.ndarray | None = None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def available_providers(device: str = "auto") -> list[str]:
+    """onnxruntime providers for a device setting: 'cpu', 'cuda', or 'auto' (CUDA only when a GPU is
+    visible, so CPU-only machines keep clean logs)."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    have_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda":
+        if not have_cuda:
+            raise ModelLoadError("device='cuda' but this onnxruntime has no CUDA provider")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device != "auto":
+        raise ValueError(f"device must be one of 'auto', 'cpu', 'cuda', got {device!r}")
+    if have_cuda and _gpu_visible():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _gpu_visible() -> bool:
+    import os
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+class DeepPotModel:
+    """Load with :meth:`load`; evaluate with :meth:`predict`."""
+
+    def __init__(self, directory: Path, manifest: dict, session, providers: list[str]):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.session = session
+        self.providers = providers
+        self.name: str = manifest["name"]
+        self.version: str = str(manifest["version"])
+        self.type_map: list[str] = list(manifest["type_map"])
+        self.descriptor = make_descriptor(manifest["descriptor"], self.type_map)
+        self.rcut: float = float(self.descriptor.rcut)
+        self.energy_bias = np.array([manifest["energy_bias"][e] for e in self.type_map], dtype=np.float64)
+        io = manifest["onnx"]
+        self.input_names = [io["inputs"][e] for e in self.type_map]
+        self.energy_names = [io["outputs"][e]["energy"] for e in self.type_map]
+        self.grad_names = [io["outputs"][e]["grad"] for e in self.type_map]
+        self.dtype = np.float32 if io.get("precision", "float32") == "float32" else np.float64
+
+    # -- loading ----------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory, device: str = "auto", intra_op_threads: int = 0) -> DeepPotModel:
+        """Load and verify a model directory ``<store>/<name>/<version>/``. Raises ModelLoadError."""
+        directory = Path(directory)
+        mpath = directory / MANIFEST_NAME
+        if not mpath.is_file():
+            raise ModelLoadError(f"{directory}: no {MANIFEST_NAME}")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{mpath}: not valid JSON ({e})") from e
+        _validate_manifest(manifest, mpath)
+        onnx_path = directory / manifest["onnx"]["file"]
+        if not onnx_path.is_file():
+            raise ModelLoadError(f"{directory}: ONNX file {manifest['onnx']['file']!r} is missing")
+        digest = sha256_file(onnx_path)
+        if digest != manifest["onnx"]["sha256"]:
+            raise ModelLoadError(
+                f"{onnx_path}: checksum mismatch (manifest says sha256 {manifest['onnx']['sha256'][:12]}..., "
+                f"file has {digest[:12]}...): refusing a model that is not the one exported"
+            )
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(intra_op_threads)
+        opts.log_severity_level = 3
+        providers = available_providers(device)
+        try:
+            session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        except Exception as e:  # onnxruntime raises several exception types for a bad graph
+            raise ModelLoadError(f"{onnx_path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from e
+        names_in = {i.name for i in session.get_inputs()}
+        names_out = {o.name for o in session.get_outputs()}
+        io = manifest["onnx"]
+        for e in manifest["type_map"]:
+            if io["inputs"][e] not in names_in:
+                raise ModelLoadError(f"{onnx_path}: graph has no input {io['inputs'][e]!r} named by the manifest")
+            for k in ("energy", "grad"):
+                if io["outputs"][e][k] not in names_out:
+                    raise ModelLoadError(f"{onnx_path}: graph has no output {io['outputs'][e][k]!r}")
+        return cls(directory, manifest, session, providers)
+
+    def info(self) -> dict:
+        m = self.manifest
+        return {
+            "name": self.name,
+            "version": self.version,
+            "descriptor": m["descriptor"]["type"],
+            "type_map": self.type_map,
+            "rcut": self.rcut,
+            "descriptor_params": m["descriptor"],
+            "precision": m["onnx"].get("precision", "float32"),
+            "metrics": m.get("metrics", {}),
+            "training": m.get("training", {}),
+            "sha256": m["onnx"]["sha256"],
+        }
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def _inputs(self, chunk) -> np.ndarray:
+        if isinstance(self.descriptor, LocFrame):
+            return self.descriptor.features(chunk.env)
+        return chunk.env
+
+    def _grad_to_env(self, g: np.ndarray) -> np.ndarray:
+        if isinstance(self.descriptor, LocFrame):
+            return self.descriptor.features_grad_to_env(g)
+        return g
+
+    def _input_shape_tail(self) -> tuple:
+        d = self.descriptor
+        return (d.dim,) if isinstance(d, LocFrame) else (d.nslot, 4)
+
+    def run_network(self, xs: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """One onnxruntime run: per element inputs -> (atomic energies, gradients), float64."""
+        feeds = {}
+        tail = self._input_shape_tail()
+        counts = []
+        for t, name in enumerate(self.input_names):
+            x = xs[t] if xs[t] is not None else np.zeros((0, *tail))
+            counts.append(len(x))
+            if len(x) == 0:  # zero-size inputs crash some onnxruntime kernels: feed one dummy row
+                x = np.zeros((1, *tail))
+            feeds[name] = np.ascontiguousarray(x, dtype=self.dtype)
+        outs = self.session.run(self.energy_names + self.grad_names, feeds)
+        nt = len(self.type_map)
+        e = [np.asarray(o, dtype=np.float64).reshape(-1)[:c] for o, c in zip(outs[:nt], counts, strict=True)]
+        g = [np.asarray(o, dtype=np.float64)[:c] for o, c in zip(outs[nt:], counts, strict=True)]
+        return e, g
+
+    def predict(
+        self,
+        frames: list[Frame],
+        atomic_energies: bool = False,
+        chunk_atoms: int = 8192,
+    ) -> list[dict]:
+        """Energies (eV), forces (N, 3) eV/A, virials (3, 3) eV for a list of frames, in one or a few
+        onnxruntime runs (frames are packed together; large frames are split into chunks of centre atoms).
+        """
+        results = [
+            {
+                "atomic_energies": np.zeros(len(f.types)),
+                "forces": np.zeros((len(f.types), 3)),
+                "virial": np.zeros((3, 3)),
+                "n_dropped": 0,
+            }
+            for f in frames
+        ]
+        pending: list[tuple[int, object, np.ndarray, np.ndarray]] = []
+        pending_atoms = 0
+        for fi, f in enumerate(frames):
+            types = np.asarray(f.types, dtype=np.int64)
+            nl = neighbor_list(f.positions, f.cell, f.pbc, self.rcut)
+            for chunk in self.descriptor.chunks(nl, types, chunk_atoms):
+                pending.append((fi, chunk, types[chunk.start : chunk.stop], nl.j))
+                pending_atoms += chunk.stop - chunk.start
+                if pending_atoms >= chunk_atoms:
+                    self._flush(pending, results)
+                    pending, pending_atoms = [], 0
+        if pending:
+            self._flush(pending, results)
+        for f, res in zip(frames, results, strict=True):
+            res["atomic_energies"] += self.energy_bias[np.asarray(f.types, dtype=np.int64)]
+            res["energy"] = float(np.sum(res["atomic_energies"], dtype=np.float64))
+            if not atomic_energies:
+                del res["atomic_energies"]
+        return results
+
+    def _flush(self, pending, results) -> None:
+        nt = len(self.type_map)
+        xs_all = [self._inputs(chunk) for _, chunk, _, _ in pending]
+        ctypes = [ct for _, _, ct, _ in pending]
+        xs = []
+        for t in range(nt):
+            parts = [x[ct == t] for x, ct in zip(xs_all, ctypes, strict=True)]
+            xs.append(np.concatenate(parts) if parts else None)
+        e, g = self.run_network(xs)
+        pos = [0] * nt
+        for (fi, chunk, ct, j_of_pair), x in zip(pending, xs_all, strict=True):
+            n = len(ct)
+            e_chunk = np.zeros(n)
+            g_chunk = np.zeros_like(x, dtype=np.float64)
+            for t in range(nt):
+                idx = np.flatnonzero(ct == t)
+                e_chunk[idx] = e[t][pos[t] : pos[t] + len(idx)]
+                g_chunk[idx] = g[t][pos[t] : pos[t] + len(idx)]
+                pos[t] += len(idx)
+            res = results[fi]
+            res["atomic_energies"][chunk.start : chunk.stop] = e_chunk
+            res["n_dropped"] += int(chunk.slots.n_dropped.sum())
+            dEdr = self.descriptor.vjp(chunk, self._grad_to_env(g_chunk))
+            accumulate_forces_virial(chunk.slots, chunk.start, j_of_pair, dEdr, res["forces"], res["virial"])
+
+
+_REQUIRED = {
+    "format_version": int,
+    "name": str,
+    "version": (str, int),
+    "type_map": list,
+    "descriptor": dict,
+    "energy_bias": dict,
+    "onnx": dict,
+}
+
+
+def _validate_manifest(m: dict, path: Path) -> None:
+    if not isinstance(m, dict):
+        raise ModelLoadError(f"{path}: manifest must be a JSON object")
+    for key, typ in _REQUIRED.items():
+        if key not in m:
+            raise ModelLoadError(f"{path}: manifest lacks required field {key!r}")
+        if not isinstance(m[key], typ):
+            raise ModelLoadError(f"{path}: manifest field {key!r} has the wrong type")
+    if m["format_version"] != FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: manifest format_version {m['format_version']} is not supported (expected {FORMAT_VERSION})")
+    if m["descriptor"].get("type") not in ("loc_frame", "se_e2_a"):
+        raise ModelLoadError(f"{path}: descriptor type must be 'loc_frame' or 'se_e2_a'")
+    for e in m["type_map"]:
+        if e not in m["energy_bias"]:
+            raise ModelLoadError(f"{path}: energy_bias lacks element {e!r}")
+        if e not in m["onnx"].get("inputs", {}) or e not in m["onnx"].get("outputs", {}):
+            raise ModelLoadError(f"{path}: onnx inputs/outputs lack element {e!r}")
+    for key in ("file", "sha256"):
+        if key not in m["onnx"]:
+            raise ModelLoadError(f"{path}: manifest onnx section lacks {key!r}")
+    try:
+        make_descriptor(m["descriptor"], m["type_map"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"{path}: bad descriptor parameters ({e})") from e
