@@ -1,0 +1,313 @@
+"""The training loop: `dpserve train CONFIG`.
+
+Loss (deepmd-kit's, per frame of N atoms, averaged over the batch)::
+
+    L = p_e dE^2 / N  +  p_f / (3N) sum_i |dF_i|^2  +  p_v / 9 |dXi|^2     (virial term only with virial labels)
+
+Each prefactor moves from its start to its limit value as the learning rate decays:
+p(t) = p_limit + (p_start - p_limit) lr(t) / lr_start. The learning rate decays exponentially from
+lr_start to lr_stop over the schedule (stairs of decay_steps), the schedule being steps or, with
+time_budget_min, wall-clock time (so a fixed time budget always ends with a fully decayed rate).
+
+Writes to out_dir: checkpoint.pt (with its config; resumable), lcurve.csv, lcurve.png, parity.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.config import Config
+from training.dataset import collate, descriptor_from_config, forward, load_systems, prepare_system_frames
+from training.model import build_network
+
+__all__ = ["Trainer", "train"]
+
+
+def split_frames(systems, val_fraction: float, seed: int):
+    """Per system: (train frame indices, validation frame indices), a fixed random split."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in systems:
+        perm = rng.permutation(s.nframes)
+        nval = max(1, int(round(val_fraction * s.nframes))) if s.nframes > 1 else 0
+        out.append((np.sort(perm[nval:]), np.sort(perm[:nval])))
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None, log=print):
+        self.cfg = cfg
+        self.log = log
+        tc = cfg.training
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(tc.seed)
+        self.dtype = torch.float32 if cfg.network.precision == "float32" else torch.float64
+        self.out = Path(tc.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+        t0 = time.perf_counter()
+        self.systems, self.type_map = load_systems(cfg.data.systems, cfg.data.type_map or None)
+        self.ntypes = len(self.type_map)
+        self.desc_params, self.desc = descriptor_from_config(cfg.descriptor, self.type_map)
+        self.split = split_frames(self.systems, cfg.data.val_fraction, cfg.data.seed)
+        self.energy_bias = self._bias()
+        self.train_frames, self.val_frames = [], []
+        for s, (tr, va) in zip(self.systems, self.split, strict=True):
+            self.train_frames += prepare_system_frames(self.desc, s, tr, self.energy_bias)
+            self.val_frames += prepare_system_frames(self.desc, s, va, self.energy_bias)
+        rng = np.random.default_rng(cfg.data.seed + 1)
+        if len(self.val_frames) > cfg.data.max_val_frames:
+            keep = np.sort(rng.choice(len(self.val_frames), cfg.data.max_val_frames, replace=False))
+            self.val_frames = [self.val_frames[k] for k in keep]
+        self.has_virial = all(f["virial"] is not None for f in self.train_frames)
+        dropped = sum(f["n_dropped"] for f in self.train_frames)
+        if dropped:
+            log(f"warning: {dropped} neighbours beyond sel were dropped while preparing the training frames")
+        log(
+            f"data: {len(self.systems)} systems, {len(self.train_frames)} training / {len(self.val_frames)} validation "
+            f"frames, type_map {self.type_map}, prepared in {time.perf_counter() - t0:.1f} s"
+        )
+
+        net_params = dict(fitting=cfg.network.fitting, embedding=cfg.network.embedding, axis=cfg.network.axis)
+        if cfg.descriptor.type == "loc_frame":
+            net_params["dim"] = self.desc.dim
+        else:
+            net_params["sel"] = list(cfg.descriptor.sel)
+        self.net_params = net_params
+        self.net = build_network(cfg.descriptor.type, self.ntypes, net_params, dtype=self.dtype)
+        self._set_statistics()
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=tc.lr_start)
+        self.step = 0
+        self.elapsed = 0.0
+        self.rows: list[dict] = []
+        if resume:
+            self._load(resume)
+        self.val_batches = [collate([f], self.ntypes, self.dtype) for f in self.val_frames]
+        self.rng = np.random.default_rng(tc.seed + 7 + self.step)
+
+    # -- statistics ---------------------------------------------------------------------------------------
+    def _bias(self):
+        """Per-element energy bias by least squares over the training frames (minimum-norm when every frame
+        has the same composition, as deepmd-kit does)."""
+        A, y = [], []
+        for s, (tr, _) in zip(self.systems, self.split, strict=True):
+            counts = np.bincount(s.types, minlength=self.ntypes).astype(np.float64)
+            A.append(np.repeat(counts[None], len(tr), axis=0))
+            y.append(s.energies[tr])
+        return np.linalg.lstsq(np.concatenate(A), np.concatenate(y), rcond=None)[0]
+
+    def _set_statistics(self):
+        frames = self.train_frames[:: max(1, len(self.train_frames) // 200)]
+        types = np.concatenate([f["types"] for f in frames])
+        x = np.concatenate([f["x"] for f in frames])
+        with torch.no_grad():
+            if self.cfg.descriptor.type == "loc_frame":
+                for t in range(self.ntypes):
+                    xt = x[types == t]
+                    if len(xt):
+                        mean, std = xt.mean(0), xt.std(0)
+                        std = np.where(std < 1e-4, 1.0, std)
+                        self.net.mean[t] = torch.as_tensor(mean)
+                        self.net.std[t] = torch.as_tensor(std)
+            else:
+                sel = np.asarray(self.cfg.descriptor.sel)
+                bounds = np.concatenate([[0], np.cumsum(sel)])
+                for t in range(self.ntypes):
+                    xt = x[types == t]  # (n, nslot, 4)
+                    if not len(xt):
+                        continue
+                    for tt in range(self.ntypes):
+                        blk = xt[:, bounds[tt] : bounds[tt + 1]]
+                        filled = blk[..., 0] != 0
+                        if filled.sum() < 2:
+                            continue
+                        std_s = np.sqrt(np.mean(blk[..., 0][filled] ** 2))
+                        std_r = np.sqrt(np.mean(blk[..., 1:][filled] ** 2))
+                        self.net.std[t, bounds[tt] : bounds[tt + 1], 0] = float(std_s)
+                        self.net.std[t, bounds[tt] : bounds[tt + 1], 1:] = float(std_r)
+
+    # -- schedule -----------------------------------------------------------------------------------------
+    def progress(self) -> float:
+        tc = self.cfg.training
+        if tc.time_budget_min > 0:
+            return min(1.0, self.elapsed / (60 * tc.time_budget_min))
+        return min(1.0, self.step / tc.steps)
+
+    def lr(self) -> float:
+        tc = self.cfg.training
+        frac = self.progress()
+        if tc.decay_steps and tc.time_budget_min <= 0:
+            nstairs = max(1, tc.steps // tc.decay_steps)
+            frac = math.floor(frac * nstairs) / nstairs
+        return tc.lr_start * (tc.lr_stop / tc.lr_start) ** frac
+
+    def prefactors(self, lr: float):
+        tc = self.cfg.training
+        r = lr / tc.lr_start
+        pe = tc.pref_e_limit + (tc.pref_e_start - tc.pref_e_limit) * r
+        pf = tc.pref_f_limit + (tc.pref_f_start - tc.pref_f_limit) * r
+        pv = tc.pref_v_limit + (tc.pref_v_start - tc.pref_v_limit) * r
+        return pe, pf, pv
+
+    # -- steps --------------------------------------------------------------------------------------------
+    def sample_batch(self):
+        tc = self.cfg.training
+        picks = []
+        atoms = 0
+        while len(picks) < tc.batch_frames or (tc.batch_atoms and atoms < tc.batch_atoms):
+            k = int(self.rng.integers(len(self.train_frames)))
+            picks.append(self.train_frames[k])
+            atoms += len(picks[-1]["types"])
+        return collate(picks, self.ntypes, self.dtype)
+
+    def loss(self, b, pe, pf, pv):
+        energy, forces, virial = forward(self.net, b, self.ntypes, need_virial=pv > 0 and b.has_virial)
+        n = torch.as_tensor(b.natoms, dtype=torch.float64)
+        de = energy - b.energy
+        le = torch.mean(de**2 / n)
+        df2 = ((forces - b.forces) ** 2).sum(-1)
+        frame_of_atom = torch.repeat_interleave(torch.arange(b.nframes), torch.as_tensor(b.natoms))
+        lf_frame = torch.zeros(b.nframes, dtype=df2.dtype).index_add(0, frame_of_atom, df2) / (3 * n.to(df2.dtype))
+        lf = lf_frame.mean()
+        loss = pe * le + pf * lf
+        lv = None
+        if virial is not None:
+            lv = torch.mean(((virial - b.virial) ** 2).sum((-1, -2)) / 9)
+            loss = loss + pv * lv
+        return loss, dict(le=le.item(), lf=lf.item(), lv=lv.item() if lv is not None else float("nan"))
+
+    def validate(self) -> dict:
+        se_e, se_f, se_v, n_f, nv = [], 0.0, [], 0, 0
+        with torch.no_grad():
+            for b in self.val_batches:
+                energy, forces, virial = forward(self.net, b, self.ntypes, need_virial=b.has_virial)
+                se_e.append(float(((energy - b.energy) / torch.as_tensor(b.natoms)).pow(2).sum()))
+                se_f += float(((forces - b.forces) ** 2).sum())
+                n_f += forces.numel()
+                if virial is not None:
+                    se_v.append(float((((virial - b.virial) / float(b.natoms[0])) ** 2).mean()))
+        return dict(
+            rmse_e_val=math.sqrt(sum(se_e) / max(len(se_e), 1)),
+            rmse_f_val=math.sqrt(se_f / max(n_f, 1)),
+            rmse_v_val=math.sqrt(np.mean(se_v)) if se_v else float("nan"),
+        )
+
+    def run(self):
+        tc = self.cfg.training
+        total = tc.steps if tc.time_budget_min <= 0 else None
+        bar = None
+        if tc.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total if total else int(60 * tc.time_budget_min), initial=self.step if total else int(self.elapsed),
+                       unit="step" if total else "s", dynamic_ncols=True, mininterval=1.0)
+        last = time.perf_counter()
+        acc = dict(loss=0.0, le=0.0, lf=0.0, n=0)
+        while self.progress() < 1.0:
+            lr = self.lr()
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            pe, pf, pv = self.prefactors(lr)
+            b = self.sample_batch()
+            loss, parts = self.loss(b, pe, pf, pv)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+            now = time.perf_counter()
+            self.elapsed += now - last
+            if bar is not None:
+                bar.update(1 if total else int(self.elapsed) - bar.n)
+            last = now
+            acc["loss"] += float(loss)
+            acc["le"] += parts["le"]
+            acc["lf"] += parts["lf"]
+            acc["n"] += 1
+            if self.step % tc.val_every == 0 or self.progress() >= 1.0:
+                row = dict(step=self.step, elapsed_s=round(self.elapsed, 2), lr=lr, loss=acc["loss"] / acc["n"],
+                           rmse_e_trn=math.sqrt(acc["le"] / acc["n"] / float(np.mean(b.natoms))) if acc["n"] else float("nan"),
+                           rmse_f_trn=math.sqrt(acc["lf"] / acc["n"]))
+                row.update(self.validate())
+                self.rows.append(row)
+                self._write_lcurve()
+                acc = dict(loss=0.0, le=0.0, lf=0.0, n=0)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3g}", e_val=f"{row['rmse_e_val'] * 1000:.2f}meV/at",
+                                    f_val=f"{row['rmse_f_val']:.3f}eV/A", lr=f"{lr:.1e}")
+                else:
+                    self.log(json.dumps(row))
+                last = time.perf_counter()  # validation time is not training time
+            if self.step % tc.checkpoint_every == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.save()
+        self.plot()
+        return self.rows[-1] if self.rows else {}
+
+    # -- persistence --------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return dict(
+            config=self.cfg.to_dict(),
+            type_map=self.type_map,
+            descriptor=self.desc_params,
+            network=self.net_params,
+            net_state=self.net.state_dict(),
+            opt_state=self.opt.state_dict(),
+            energy_bias=self.energy_bias.tolist(),
+            step=self.step,
+            elapsed=self.elapsed,
+            rows=self.rows,
+            split={s.name: [tr.tolist(), va.tolist()] for s, (tr, va) in zip(self.systems, self.split, strict=True)},
+        )
+
+    def save(self, path: Path | None = None):
+        path = path or self.out / "checkpoint.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    def _load(self, path):
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        self.net.load_state_dict(st["net_state"])
+        self.opt.load_state_dict(st["opt_state"])
+        self.energy_bias = np.asarray(st["energy_bias"])
+        self.step, self.elapsed, self.rows = st["step"], st["elapsed"], st["rows"]
+        self.log(f"resumed from {path} at step {self.step} ({self.elapsed / 60:.1f} min trained)")
+
+    def _write_lcurve(self):
+        with open(self.out / "lcurve.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            w.writeheader()
+            w.writerows(self.rows)
+
+    def plot(self):
+        from training.plots import plot_lcurve, plot_parity
+
+        if self.rows:
+            plot_lcurve(self.rows, self.out / "lcurve.png", title=f"{self.cfg.descriptor.type} learning curve")
+        e_ref, e_pred, f_ref, f_pred = [], [], [], []
+        with torch.no_grad():
+            for b in self.val_batches:
+                energy, forces, _ = forward(self.net, b, self.ntypes, need_virial=False)
+                n = torch.as_tensor(b.natoms)
+                e_ref.append((b.energy / n).numpy())
+                e_pred.append((energy / n).numpy())
+                f_ref.append(b.forces.numpy().ravel())
+                f_pred.append(forces.numpy().ravel())
+        if e_ref:
+            plot_parity(np.concatenate(e_ref), np.concatenate(e_pred), np.concatenate(f_ref), np.concatenate(f_pred),
+                        self.out / "parity.png", title="validation frames")
+
+
+def train(cfg: Config, resume: str | None = None) -> dict:
+    return Trainer(cfg, resume=resume).run()
