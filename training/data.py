@@ -330,3 +330,10 @@ def read_systems(path, type_map: list[str] | None = None) -> list[System]:
     if not systems:
         raise DataError(f"{path}: no DeePMD systems (no type.raw at or below it) and not a file")
     return [read_deepmd_system(p, type_map) for p in systems]
+
+
+def system_key(name: str) -> str:
+    """A machine-independent name of a system: its last two path components (e.g. 'water/data_0'), used to
+    record training/validation splits in checkpoints and manifests."""
+    parts = Path(name).parts
+    return "/".join(parts[-2:])

@@ -21,6 +21,7 @@ import torch
 
 from app.inference.model import FORMAT_VERSION, MANIFEST_NAME, DeepPotModel, Frame, sha256_file
 from training.config import config_from_dict
+from training.data import system_key
 from training.dataset import collate, descriptor_from_config, forward, load_systems, prepare_system_frames
 from training.model import ExportWrapper, build_network
 
@@ -110,6 +111,7 @@ def export_checkpoint(
                 "minutes": round(ckpt["elapsed"] / 60, 2),
                 "config": cfg,
                 "last_validation": ckpt["rows"][-1] if ckpt["rows"] else None,
+                "split": {k: v[1] for k, v in ckpt["split"].items()},  # validation frames per system
             },
             "metrics": metrics or {},
         }
@@ -154,7 +156,7 @@ def self_check(model_dir: Path, ckpt: dict, nframes: int, log=print) -> dict:
     max_de, max_df, n = 0.0, 0.0, 0
     per_system = max(1, nframes // max(len(systems), 1))
     for s in systems:
-        val = split.get(s.name, [[], list(range(s.nframes))])[1][:per_system]
+        val = split.get(system_key(s.name), [[], list(range(s.nframes))])[1][:per_system]
         if not val:
             continue
         frames = prepare_system_frames(desc, s, val, bias)

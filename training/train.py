@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from training.config import Config
+from training.data import system_key
 from training.dataset import collate, descriptor_from_config, forward, load_systems, prepare_system_frames
 from training.model import build_network
 
@@ -186,7 +187,7 @@ class Trainer:
         return loss, dict(le=le.item(), lf=lf.item(), lv=lv.item() if lv is not None else float("nan"))
 
     def validate(self) -> dict:
-        se_e, se_f, se_v, n_f, nv = [], 0.0, [], 0, 0
+        se_e, se_f, se_v, n_f = [], 0.0, [], 0
         with torch.no_grad():
             for b in self.val_batches:
                 energy, forces, virial = forward(self.net, b, self.ntypes, need_virial=b.has_virial)
@@ -228,7 +229,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1 if total else int(self.elapsed) - bar.n)
             last = now
-            acc["loss"] += float(loss)
+            acc["loss"] += loss.item()
             acc["le"] += parts["le"]
             acc["lf"] += parts["lf"]
             acc["n"] += 1
@@ -267,7 +268,7 @@ class Trainer:
             step=self.step,
             elapsed=self.elapsed,
             rows=self.rows,
-            split={s.name: [tr.tolist(), va.tolist()] for s, (tr, va) in zip(self.systems, self.split, strict=True)},
+            split={system_key(s.name): [tr.tolist(), va.tolist()] for s, (tr, va) in zip(self.systems, self.split, strict=True)},
         )
 
     def save(self, path: Path | None = None):

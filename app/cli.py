@@ -1,0 +1,100 @@
+"""The `dpserve` command: serve, train, export, test (training commands import torch lazily)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _serve(args) -> int:
+    import os
+
+    import uvicorn
+
+    if args.store:
+        os.environ["DPSERVE_MODEL_STORE"] = args.store
+    uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    return 0
+
+
+def _train(args) -> int:
+    from training.config import ConfigError, load_config
+    from training.train import Trainer
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out_dir:
+        cfg.training.out_dir = args.out_dir
+    if args.threads:
+        cfg.training.threads = args.threads
+    if args.no_progress:
+        cfg.training.progress = False
+    row = Trainer(cfg, resume=args.resume).run()
+    print(
+        f"done: step {row.get('step')}, validation RMSE energy {row.get('rmse_e_val', float('nan')) * 1000:.3f} meV/atom, "
+        f"force {row.get('rmse_f_val', float('nan')):.4f} eV/A; outputs in {cfg.training.out_dir}"
+    )
+    return 0
+
+
+def _export(args) -> int:
+    from training.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.name, args.version, store=args.store, precision=args.precision,
+                      overwrite=args.overwrite)
+    return 0
+
+
+def _test(args) -> int:
+    from training.evaluate import evaluate_cli
+
+    return evaluate_cli(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dpserve", description="Deep Potential models as a web service")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="start the HTTP service on the models in the store")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--store", default=None, help="model store path (default: settings / DPSERVE_MODEL_STORE)")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=_serve)
+
+    t = sub.add_parser("train", help="train a model from a TOML config (needs the 'train' extra)")
+    t.add_argument("config")
+    t.add_argument("--resume", default=None, help="checkpoint to resume from")
+    t.add_argument("--out-dir", default=None)
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="export a checkpoint to ONNX in the model store")
+    e.add_argument("checkpoint")
+    e.add_argument("--name", required=True)
+    e.add_argument("--version", required=True)
+    e.add_argument("--store", default="model_store")
+    e.add_argument("--precision", default="float32", choices=["float32", "float64"])
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=_export)
+
+    v = sub.add_parser("test", help="dp-test-style errors of a model on data systems")
+    v.add_argument("-m", "--model", required=True, help="model directory, or NAME[/VERSION] in the store")
+    v.add_argument("-s", "--system", required=True, nargs="+", help="DeePMD system dirs (or roots) / extxyz files")
+    v.add_argument("-n", "--numb-test", type=int, default=0, help="frames per system (0: all)")
+    v.add_argument("--store", default="model_store")
+    v.add_argument("--frames", choices=["all", "val"], default="all",
+                   help="'val': only the frames the model held out during training (from its manifest)")
+    v.set_defaults(func=_test)
+
+    args = p.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
