@@ -135,7 +135,9 @@ class SeA(_Base):
         """s(r) and ds/dr for r > 0 (array)."""
         rs, rc = self.rcut_smth, self.rcut
         u = np.clip((r - rs) / (rc - rs), 0.0, 1.0)
-        sw = u**3 * (-6 * u**2 + 15 * u - 10) + 1
+        # u^3 (-6u^2 + 15u - 10) + 1 factored as (1 - u)^3 (1 + 3u + 6u^2): the same polynomial without
+        # the cancellation near u = 1, so s >= 0 and s ~ (rcut - r)^3 right up to the cutoff
+        sw = (1 - u) ** 3 * (1 + 3 * u + 6 * u**2)
         dsw = -30 * u**2 * (u - 1) ** 2 / (rc - rs)
         inv = 1.0 / r
         s = sw * inv

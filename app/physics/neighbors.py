@@ -53,8 +53,13 @@ def _check_inputs(positions, cell, pbc, cutoff):
     pbc = np.asarray(pbc, dtype=bool).reshape(-1)
     if pbc.shape != (3,):
         raise ValueError(f"pbc must be three booleans, got {pbc.shape[0]} values")
-    if pbc.any() and abs(np.linalg.det(cell)) < 1e-12:
+    if pbc.all() and abs(np.linalg.det(cell)) < 1e-12:
         raise ValueError("cell is singular: its three lattice vectors must be linearly independent")
+    if pbc.any() and not pbc.all():
+        # only the periodic lattice vectors must be independent; an open direction's row may be zero
+        periodic = cell[pbc]
+        if abs(np.linalg.det(periodic @ periodic.T)) < 1e-24:
+            raise ValueError("cell is singular: its periodic lattice vectors must be linearly independent")
     return positions, cell, pbc
 
 
