@@ -111,7 +111,7 @@ def export_checkpoint(
                 "minutes": round(ckpt["elapsed"] / 60, 2),
                 "config": cfg,
                 "last_validation": ckpt["rows"][-1] if ckpt["rows"] else None,
-                "split": {k: v[1] for k, v in ckpt["split"].items()},  # validation frames per system
+                "split": {system_key(k): v[1] for k, v in ckpt["split"].items()},  # validation frames per system
             },
             "metrics": metrics or {},
         }
@@ -148,7 +148,7 @@ def self_check(model_dir: Path, ckpt: dict, nframes: int, log=print) -> dict:
     cfg = config_from_dict(ckpt["config"])
     type_map = ckpt["type_map"]
     systems, _ = load_systems(cfg.data.systems, type_map)
-    split = ckpt["split"]
+    split = {system_key(k): v for k, v in ckpt["split"].items()}
     model = DeepPotModel.load(model_dir, device="cpu")
     net64 = load_checkpoint_net(ckpt, torch.float64)
     _, desc = descriptor_from_config(cfg.descriptor, type_map)
