@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from training.config import Config
 from training.data import system_key
@@ -43,14 +45,33 @@ def split_frames(systems, val_fraction: float, seed: int):
     return out
 
 
+class _BatchModel(torch.nn.Module):
+    """The network applied to a whole batch (energies, forces, virials): what DDP wraps."""
+
+    def __init__(self, net, ntypes: int):
+        super().__init__()
+        self.net = net
+        self.ntypes = ntypes
+
+    def forward(self, b, need_virial: bool = True):
+        return forward(self.net, b, self.ntypes, need_virial=need_virial)
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, log=print):
         self.cfg = cfg
-        self.log = log
         tc = cfg.training
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
+        # torchrun sets WORLD_SIZE/RANK: DistributedDataParallel, gloo on CPU, nccl on GPU
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if self.rank != 0:
+            log = lambda *a, **k: None  # noqa: E731  only rank 0 talks
+        self.log = log
         self.dtype = torch.float32 if cfg.network.precision == "float32" else torch.float64
         self.out = Path(tc.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +107,10 @@ class Trainer:
         self.net_params = net_params
         self.net = build_network(cfg.descriptor.type, self.ntypes, net_params, dtype=self.dtype)
         self._set_statistics()
+        self.model = _BatchModel(self.net, self.ntypes)
+        if self.world > 1:
+            # some element's fitting net may get no gradient in a batch without that element
+            self.model = DDP(self.model, find_unused_parameters=True)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=tc.lr_start)
         self.step = 0
         self.elapsed = 0.0
@@ -93,7 +118,7 @@ class Trainer:
         if resume:
             self._load(resume)
         self.val_batches = [collate([f], self.ntypes, self.dtype) for f in self.val_frames]
-        self.rng = np.random.default_rng(tc.seed + 7 + self.step)
+        self.rng = np.random.default_rng(tc.seed + 7 + self.step + 1000 * self.rank)
 
     # -- statistics ---------------------------------------------------------------------------------------
     def _bias(self):
@@ -171,7 +196,7 @@ class Trainer:
         return collate(picks, self.ntypes, self.dtype)
 
     def loss(self, b, pe, pf, pv):
-        energy, forces, virial = forward(self.net, b, self.ntypes, need_virial=pv > 0 and b.has_virial)
+        energy, forces, virial = self.model(b, need_virial=pv > 0 and b.has_virial)
         n = torch.as_tensor(b.natoms, dtype=torch.float64)
         de = energy - b.energy
         le = torch.mean(de**2 / n)
@@ -206,7 +231,7 @@ class Trainer:
         tc = self.cfg.training
         total = tc.steps if tc.time_budget_min <= 0 else None
         bar = None
-        if tc.progress:
+        if tc.progress and self.rank == 0:
             from tqdm import tqdm
 
             bar = tqdm(total=total if total else int(60 * tc.time_budget_min), initial=self.step if total else int(self.elapsed),
@@ -226,6 +251,10 @@ class Trainer:
             self.step += 1
             now = time.perf_counter()
             self.elapsed += now - last
+            if self.world > 1:  # one clock for all ranks: rank 0's, so the schedule stays in step
+                t = torch.tensor([self.elapsed], dtype=torch.float64)
+                dist.broadcast(t, 0)
+                self.elapsed = float(t)
             if bar is not None:
                 bar.update(1 if total else int(self.elapsed) - bar.n)
             last = now
@@ -233,7 +262,7 @@ class Trainer:
             acc["le"] += parts["le"]
             acc["lf"] += parts["lf"]
             acc["n"] += 1
-            if self.step % tc.val_every == 0 or self.progress() >= 1.0:
+            if self.rank == 0 and (self.step % tc.val_every == 0 or self.progress() >= 1.0):
                 row = dict(step=self.step, elapsed_s=round(self.elapsed, 2), lr=lr, loss=acc["loss"] / acc["n"],
                            rmse_e_trn=math.sqrt(acc["le"] / acc["n"] / float(np.mean(b.natoms))) if acc["n"] else float("nan"),
                            rmse_f_trn=math.sqrt(acc["lf"] / acc["n"]))
@@ -242,18 +271,36 @@ class Trainer:
                 self._write_lcurve()
                 acc = dict(loss=0.0, le=0.0, lf=0.0, n=0)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.3g}", e_val=f"{row['rmse_e_val'] * 1000:.2f}meV/at",
+                    bar.set_postfix(step=self.step, loss=f"{row['loss']:.3g}", e_val=f"{row['rmse_e_val'] * 1000:.2f}meV/at",
                                     f_val=f"{row['rmse_f_val']:.3f}eV/A", lr=f"{lr:.1e}")
                 else:
                     self.log(json.dumps(row))
                 last = time.perf_counter()  # validation time is not training time
-            if self.step % tc.checkpoint_every == 0:
+            if self.rank == 0 and self.step % tc.checkpoint_every == 0:
                 self.save()
         if bar is not None:
             bar.close()
-        self.save()
-        self.plot()
+        if self.world > 1:
+            self._check_ranks_agree()
+        if self.rank == 0:
+            self.save()
+            self.plot()
+        if self.world > 1:
+            dist.barrier()
         return self.rows[-1] if self.rows else {}
+
+    def _check_ranks_agree(self):
+        """All ranks must hold identical weights after DDP training; recorded in ddp_check.json."""
+        flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in self.net.parameters()])
+        mine = torch.tensor([float(flat.sum()), float((flat * flat).sum()), float(flat.abs().max())], dtype=torch.float64)
+        allv = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(allv, mine)
+        same = all(torch.equal(allv[0], v) for v in allv[1:])
+        if self.rank == 0:
+            (self.out / "ddp_check.json").write_text(json.dumps({"world_size": self.world, "step": self.step,
+                                                                  "identical_weights": same,
+                                                                  "fingerprints": [v.tolist() for v in allv]}))
+            self.log(f"DDP: {self.world} ranks, identical weights after {self.step} steps: {same}")
 
     # -- persistence --------------------------------------------------------------------------------------
     def state(self) -> dict:

@@ -58,7 +58,6 @@ def test_several_systems_of_different_sizes_train_together(tmp_path):
 
 def test_dpserve_test_prints_dp_test_figures(tiny_store, capsys):
     from app.cli import main
-
     from tests.conftest import WATER
 
     main(["test", "-m", str(tiny_store / "water-locframe-tiny" / "1"), "-s", str(WATER / "data_1"), "-n", "2"])
