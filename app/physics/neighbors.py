@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import vesin
 
-__all__ = ["NeighborList", "neighbor_list"]
+__all__ = ["NeighborList", "neighbor_list", "estimate_neighbours", "closest_pair"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,29 @@ def neighbor_list(positions, cell=None, pbc=None, cutoff: float = 6.0) -> Neighb
     )
 
 
+def closest_pair(positions, cell=None, pbc=None, within: float = 0.1) -> tuple[int, int, float] | None:
+    """The closest pair ``(i, j, d)`` with distance ``d < within`` (Angstrom), or None if there is none.
+
+    ``i == j`` means an atom and one of its own periodic images (a cell narrower than ``within``). Cheap for
+    a small ``within``: only pairs closer than it are ever formed (call :func:`estimate_neighbours` first on
+    untrusted input, so that a pile of atoms cannot produce N^2 of them).
+    """
+    positions, cell, pbc = _check_inputs(positions, cell, pbc, within)
+    if len(positions) == 0:
+        return None
+    if not pbc.any():
+        box, periodic = np.zeros((3, 3)), False
+    else:
+        box = cell if pbc.all() else _box_for_mixed_pbc(positions, cell, pbc, within)
+        periodic = [bool(p) for p in pbc]
+    calc = vesin.NeighborList(cutoff=float(within), full_list=False)
+    i, j, d = calc.compute(points=positions, box=box, periodic=periodic, quantities="ijd")
+    if len(d) == 0:
+        return None
+    k = int(np.argmin(d))
+    return int(i[k]), int(j[k]), float(d[k])
+
+
 def _box_for_mixed_pbc(positions, cell, pbc, cutoff):
     """vesin needs a non-degenerate box even along open directions; the shifts it returns along an open
     direction are always zero, so the cell vector there only has to be non-degenerate. An all-zero row
@@ -109,3 +132,81 @@ def _box_for_mixed_pbc(positions, cell, pbc, cutoff):
     if abs(np.linalg.det(box)) < 1e-12:
         raise ValueError("cell is degenerate: lattice vectors must be linearly independent")
     return box
+
+
+_BIN_BITS = 21  # bits per bin index in the packed bin key (3 x 21 = 63)
+_BIN_MAX = (1 << (_BIN_BITS - 1)) - 1
+
+
+def estimate_neighbours(positions, cell=None, pbc=None, cutoff: float = 6.0) -> float:
+    """Mean number of neighbours per atom within ``cutoff``, estimated in O(N) without building any pair.
+
+    Guards :func:`neighbor_list` against inputs whose pair list would not fit in memory (atoms piled up,
+    positions in the wrong unit, a cell far too small). Atoms are binned in cells of width >= ``cutoff``
+    along each lattice plane normal (Cartesian cubes of side ``cutoff`` for an isolated system). For the
+    atoms of bin b, with ``sphere = (4/3) pi cutoff^3``::
+
+        smooth_b = (atoms in the 3 x 3 x 3 bins around b) / (their volume) * sphere
+        own_b    = min(count_b / (volume of b) * sphere, atoms in the 3 x 3 x 3 bins around b)
+        estimate = sum_b count_b * max(smooth_b, own_b) / N
+
+    The window count caps ``own_b`` because every neighbour of an atom lies in the bins around its own
+    (dropped when a periodic direction has fewer than 3 bins: periodic images then count too). The estimate
+    is exact for a uniform density, including the images of a cell smaller than the cutoff, and within a
+    small factor of the truth for clusters, surfaces and piles of atoms.
+    """
+    positions, cell, pbc = _check_inputs(positions, cell, pbc, cutoff)
+    n = len(positions)
+    if n == 0:
+        return 0.0
+    if not pbc.any():
+        box = np.eye(3) * cutoff
+    elif pbc.all():
+        box = cell
+    else:
+        box = _box_for_mixed_pbc(positions, cell, pbc, cutoff)
+    volume = abs(np.linalg.det(box))
+    widths = volume / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)  # (3,) plane spacings
+    frac = positions @ np.linalg.inv(box)  # (N, 3)
+    nbins = np.ones(3, dtype=np.int64)
+    frac_bin_volume = 1.0
+    window = []
+    bins = np.empty((n, 3), dtype=np.int64)
+    for k in range(3):
+        if pbc[k]:
+            nbins[k] = int(min(max(widths[k] // cutoff, 1), _BIN_MAX))
+            s = frac[:, k] - np.floor(frac[:, k])
+            bins[:, k] = np.minimum((s * nbins[k]).astype(np.int64), nbins[k] - 1)
+            frac_bin_volume /= nbins[k]
+            window.append(sorted({o % nbins[k] if nbins[k] < 3 else o for o in (-1, 0, 1)}))
+        else:
+            bins[:, k] = np.clip(np.floor(frac[:, k] * widths[k] / cutoff), -_BIN_MAX, _BIN_MAX)
+            frac_bin_volume *= cutoff / widths[k]
+            window.append([-1, 0, 1])
+
+    def key(b):
+        b = b + _BIN_MAX + 1
+        return (b[:, 0] << (2 * _BIN_BITS)) | (b[:, 1] << _BIN_BITS) | b[:, 2]
+
+    ukeys, first, counts = np.unique(key(bins), return_index=True, return_counts=True)
+    ubins = bins[first]  # (U, 3)
+    around = np.zeros(len(ukeys), dtype=np.float64)  # (U,) atoms in the window of each occupied bin
+    for ox in window[0]:
+        for oy in window[1]:
+            for oz in window[2]:
+                nb = ubins + np.array([ox, oy, oz])
+                for k in range(3):
+                    if pbc[k]:
+                        nb[:, k] %= nbins[k]
+                    else:
+                        np.clip(nb[:, k], -_BIN_MAX, _BIN_MAX, out=nb[:, k])
+                nk = key(nb)
+                pos = np.minimum(np.searchsorted(ukeys, nk), len(ukeys) - 1)
+                around += np.where(ukeys[pos] == nk, counts[pos], 0)
+    bin_volume = volume * frac_bin_volume
+    sphere = 4.0 / 3.0 * np.pi * cutoff**3
+    smooth = around / (bin_volume * np.prod([len(w) for w in window])) * sphere  # (U,)
+    own = counts / bin_volume * sphere  # (U,)
+    if not any(pbc[k] and nbins[k] < 3 for k in range(3)):
+        own = np.minimum(own, around)
+    return float(np.sum(counts * np.maximum(smooth, own)) / n)
