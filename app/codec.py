@@ -1,0 +1,91 @@
+"""Wire encodings of /predict: JSON, or msgpack for large systems (chosen by Content-Type and Accept).
+
+Both carry the same field names. In msgpack, a numeric array may be a raw array
+``{"dtype": "float64", "shape": [...], "data": <little-endian bytes>}`` (see :func:`app.schemas.raw_array`);
+msgpack responses send ``forces`` and ``atomic_energies`` (the arrays that grow with N) in that form, the
+small ``virial`` and ``stress`` as lists. JSON floats are written with ``repr`` precision, so both encodings
+give bit-identical numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import msgpack
+import numpy as np
+
+from app.core.errors import ServiceError
+from app.schemas import raw_array
+
+__all__ = ["MSGPACK", "JSON", "is_msgpack", "decode_body", "encode"]
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+_MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+
+
+def _media(header: str | None) -> str:
+    return (header or "").split(";")[0].strip().lower()
+
+
+def is_msgpack(header: str | None) -> bool:
+    """Does a Content-Type, or any entry of an Accept header, name msgpack?"""
+    return any(_media(part) in _MSGPACK_TYPES for part in (header or "").split(","))
+
+
+def decode_body(body: bytes, content_type: str | None):
+    """Parse a request body; malformed bodies raise ServiceError 400, unknown content types 415."""
+    media = _media(content_type)
+    if media in _MSGPACK_TYPES:
+        try:
+            return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        except Exception as e:  # msgpack raises several types (ExtraData, FormatError, ValueError, ...)
+            why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            raise ServiceError(400, f"malformed msgpack body ({why})") from None
+    if media in ("", JSON) or media.endswith("+json"):
+        if not body:
+            raise ServiceError(400, "empty request body: send a JSON object {\"frames\": [...]}")
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError as e:
+            raise ServiceError(400, f"malformed JSON body: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except (UnicodeDecodeError, RecursionError) as e:
+            raise ServiceError(400, f"malformed JSON body: {type(e).__name__}") from None
+    raise ServiceError(415, f"unsupported Content-Type {media!r}; use {JSON} or {MSGPACK}")
+
+
+def _json_ready(results: list[dict]) -> list[dict]:
+    out = []
+    for r in results:
+        o = {}
+        for k, v in r.items():
+            o[k] = v.tolist() if isinstance(v, np.ndarray) else v
+        out.append(o)
+    return out
+
+
+def _msgpack_ready(results: list[dict]) -> list[dict]:
+    out = []
+    for r in results:
+        o = {}
+        for k, v in r.items():
+            if k in ("forces", "atomic_energies"):
+                o[k] = raw_array(v)
+            else:
+                o[k] = v.tolist() if isinstance(v, np.ndarray) else v
+        out.append(o)
+    return out
+
+
+def encode(payload: dict, as_msgpack: bool) -> tuple[bytes, str]:
+    """Encode ``{"model": {...}, "results": [{name: float | ndarray}]}``; returns (body, media type)."""
+    for r in payload["results"]:
+        for k, v in r.items():
+            if (isinstance(v, np.ndarray) and not np.isfinite(v).all()) or (isinstance(v, float) and not math.isfinite(v)):
+                raise ServiceError(500, f"the model produced a non-finite {k}: this is a bug or a broken model, please report it")
+    if as_msgpack:
+        body = {"model": payload["model"], "results": _msgpack_ready(payload["results"])}
+        return msgpack.packb(body, use_bin_type=True), MSGPACK
+    body = {"model": payload["model"], "results": _json_ready(payload["results"])}
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode(), JSON
