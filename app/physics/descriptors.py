@@ -37,10 +37,15 @@ Both descriptors are built on the neighbour slots of :mod:`app.physics.environme
     s and s' are continuous at rcut_smth and vanish at rcut (smooth to second order in u).
 
 Derivatives. ``jacobian`` returns blocks J (n, nslot, 4, 3) = d env[i, k, :] / d rij_k (and for loc_frame
-also the blocks with respect to the two axis vectors). The vector-Jacobian product turns g = dE/d env into
-dE/drij per slot without ever forming a dense Jacobian::
+also the blocks Ja, Jb with respect to the two axis vectors). The vector-Jacobian product turns
+g = dE/d env into dE/drij per slot without ever forming a dense Jacobian::
 
     dE/drij_k = sum_c g[k, c] J[k, c, :]  (+ for loc_frame, on the axis slots, sum_k,c g[k, c] Ja[k, c, :])
+
+``vjp`` evaluates exactly this sum in factored form from the quantities ``compute`` keeps (it never
+builds the blocks, which are most of the memory traffic); the blocks are built on first access to
+``chunk.jac`` / ``jac_a`` / ``jac_b`` (training uses them as a fixed tensor per frame). Tests check that
+both give the same dE/drij.
 
 All arrays are float64.
 """
@@ -54,7 +59,7 @@ import numpy as np
 from .environment import Slots, build_slots
 from .neighbors import NeighborList
 
-__all__ = ["LocFrame", "SeA", "DescriptorChunk", "make_descriptor"]
+__all__ = ["LocFrame", "SeA", "DescriptorChunk", "make_descriptor", "vjp_from_blocks"]
 
 _COLLINEAR_TOL = 1e-6
 
@@ -63,19 +68,49 @@ _COLLINEAR_TOL = 1e-6
 class DescriptorChunk:
     """Everything computed for a block of centre atoms [start, stop) of one frame.
 
-    env (n, nslot, 4); jac (n, nslot, 4, 3); for loc_frame also jac_a, jac_b (n, nslot, 4, 3) with respect
-    to the two axis vectors and axis (n, 2) their slot indices (-1: none).
+    env (n, nslot, 4); for loc_frame also axis (n, 2), the slot indices of the two axis atoms (-1: none).
+    extras: the intermediate quantities the derivative is built from (per descriptor).
+    jac (n, nslot, 4, 3) and, for loc_frame, jac_a, jac_b (n, nslot, 4, 3) with respect to the two axis
+    vectors: Jacobian blocks, built by ``descriptor.jacobian`` on first access and then kept.
     """
 
     start: int
     stop: int
     slots: Slots
     env: np.ndarray
-    jac: np.ndarray
-    jac_a: np.ndarray | None = None
-    jac_b: np.ndarray | None = None
     axis: np.ndarray | None = None
     extras: dict = field(default_factory=dict)
+    descriptor: object = field(default=None, repr=False)
+    _blocks: tuple | None = field(default=None, repr=False)
+
+    def _get_blocks(self):
+        if self._blocks is None:
+            self._blocks = self.descriptor.jacobian(self)
+        return self._blocks
+
+    @property
+    def jac(self) -> np.ndarray:
+        return self._get_blocks()[0]
+
+    @property
+    def jac_a(self) -> np.ndarray | None:
+        return self._get_blocks()[1]
+
+    @property
+    def jac_b(self) -> np.ndarray | None:
+        return self._get_blocks()[2]
+
+
+def vjp_from_blocks(chunk: DescriptorChunk, g_env: np.ndarray) -> np.ndarray:
+    """dE/drij (n, nslot, 3) by contracting g_env with the Jacobian blocks (the reference for ``vjp``)."""
+    out = np.einsum("nkc,nkcx->nkx", g_env, chunk.jac)
+    if chunk.jac_a is not None:
+        rows = np.arange(out.shape[0])
+        for blocks, a in ((chunk.jac_a, chunk.axis[:, 0]), (chunk.jac_b, chunk.axis[:, 1])):
+            ga = np.einsum("nkc,nkcx->nx", g_env, blocks)
+            ok = a >= 0
+            out[rows[ok], a[ok]] += ga[ok]
+    return out
 
 
 def _cross_matrix(v):
@@ -105,8 +140,12 @@ class _Base:
         raise NotImplementedError
 
     def vjp(self, chunk: DescriptorChunk, g_env: np.ndarray) -> np.ndarray:
-        """dE/drij per slot (n, nslot, 3) from g_env = dE/d env (n, nslot, 4)."""
-        return np.einsum("nkc,nkcx->nkx", g_env, chunk.jac, optimize=False)
+        """dE/drij per slot (n, nslot, 3) from g_env = dE/d env (n, nslot, 4); zero in empty slots."""
+        raise NotImplementedError
+
+    def jacobian(self, chunk: DescriptorChunk) -> tuple:
+        """Jacobian blocks (jac, jac_a, jac_b) of a chunk (see :class:`DescriptorChunk`)."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -134,38 +173,70 @@ class SeA(_Base):
     def switch(self, r):
         """s(r) and ds/dr for r > 0 (array)."""
         rs, rc = self.rcut_smth, self.rcut
-        u = np.clip((r - rs) / (rc - rs), 0.0, 1.0)
+        u = r - rs
+        u *= 1.0 / (rc - rs)
+        np.clip(u, 0.0, 1.0, out=u)
         # u^3 (-6u^2 + 15u - 10) + 1 factored as (1 - u)^3 (1 + 3u + 6u^2): the same polynomial without
         # the cancellation near u = 1, so s >= 0 and s ~ (rcut - r)^3 right up to the cutoff
-        sw = (1 - u) ** 3 * (1 + 3 * u + 6 * u**2)
-        dsw = -30 * u**2 * (u - 1) ** 2 / (rc - rs)
+        om = 1.0 - u
+        om2 = om * om
+        sw = 6.0 * u
+        sw += 3.0
+        sw *= u
+        sw += 1.0
+        sw *= om2
+        sw *= om  # (1 - u)^3 (1 + 3u + 6u^2)
+        dsw = u * u
+        dsw *= om2
+        dsw *= -30.0 / (rc - rs)  # d sw / dr = -30 u^2 (1 - u)^2 / (rc - rs)
         inv = 1.0 / r
         s = sw * inv
-        ds = dsw * inv - sw * inv * inv
+        ds = dsw * inv
+        ds -= s * inv  # (sw/r)' = sw'/r - sw/r^2
         return s, ds
 
     def compute(self, nl, types, centers=None) -> DescriptorChunk:
         types = np.asarray(types)
-        slots = build_slots(nl, types, self.sel, centers)
+        c = centers or slice(0, len(types))
+        slots = build_slots(nl, types, self.sel, c)
         n, nslot = slots.pair.shape
         m = slots.mask
         r = np.where(m, slots.r, 1.0)  # (n, nslot) dummy 1 in empty slots, masked below
         s, ds = self.switch(r)
-        s, ds = s * m, ds * m
-        t = s / r  # s/r
-        dt = (ds * r - s) / r**2  # d(s/r)/dr
-        rhat = slots.rij / r[..., None]  # (n, nslot, 3)
+        s *= m
+        ds *= m
+        inv_r = 1.0 / r
+        t = s * inv_r  # s/r
+        dt = (ds - t) * inv_r  # d(s/r)/dr = s'/r - s/r^2
         env = np.empty((n, nslot, 4))
         env[..., 0] = s
-        env[..., 1:] = t[..., None] * slots.rij
+        np.multiply(t[..., None], slots.rij, out=env[..., 1:])
+        # d env / d rij = rij (x) (a, b rij) + t [0; I]: a = s'/r, b = (s/r)'/r (zero in empty slots)
+        extras = dict(a=ds * inv_r, b=dt * inv_r, t=t)
+        return DescriptorChunk(c.start, c.stop, slots, env, extras=extras, descriptor=self)
+
+    def jacobian(self, chunk: DescriptorChunk) -> tuple:
+        """d env[k, c] / d rij_k[x]: row 0 is s' rhat = a rij; rows 1..3 are (s/r)' rhat_x x_c + (s/r) delta_cx."""
+        a, b, t = chunk.extras["a"], chunk.extras["b"], chunk.extras["t"]
+        rij = chunk.slots.rij
+        n, nslot = a.shape
         jac = np.empty((n, nslot, 4, 3))
-        jac[:, :, 0, :] = ds[..., None] * rhat
-        # d(t x_c)/drij = t e_c + x_c t' rhat
-        jac[:, :, 1:, :] = (dt[..., None, None] * slots.rij[..., :, None]) * rhat[..., None, :]
-        jac[:, :, 1:, :] += t[..., None, None] * np.eye(3)
-        jac *= m[..., None, None]
-        c = centers or slice(0, len(types))
-        return DescriptorChunk(c.start, c.stop, slots, env, jac)
+        np.multiply(a[..., None], rij, out=jac[:, :, 0, :])
+        np.multiply(rij[..., :, None], rij[..., None, :], out=jac[:, :, 1:, :])
+        jac[:, :, 1:, :] *= b[..., None, None]
+        for x in range(3):
+            jac[:, :, 1 + x, x] += t
+        return jac, None, None
+
+    def vjp(self, chunk: DescriptorChunk, g_env: np.ndarray) -> np.ndarray:
+        """dE/drij = rij (g_0 a + b g_xyz . rij) + t g_xyz (the blocks of :meth:`jacobian`, contracted)."""
+        a, b, t = chunk.extras["a"], chunk.extras["b"], chunk.extras["t"]
+        rij = chunk.slots.rij
+        gx = g_env[..., 1:]
+        coef = g_env[..., 0] * a + b * np.einsum("nkx,nkx->nk", gx, rij)  # (n, nslot)
+        out = rij * coef[..., None]
+        out += gx * t[..., None]
+        return out
 
 
 @dataclass
@@ -224,11 +295,35 @@ class LocFrame(_Base):
 
     # -- axis selection ---------------------------------------------------------------------------------
     def _choose_axes(self, slots: Slots, ctypes: np.ndarray) -> np.ndarray:
-        """Slot indices (n, 2) of the two axis atoms, -1 where none (see module docstring)."""
-        n, nslot = slots.pair.shape
+        """Slot indices (n, 2) of the two axis atoms, -1 where none (see module docstring).
+
+        Almost every atom takes the rule's two atoms; only the rows where one is missing or the two are
+        collinear go through the general search (:meth:`_choose_axes_general`), which gives the same answer
+        for the others too.
+        """
+        n = slots.pair.shape[0]
+        rows = np.arange(n)
+        sel = self.sel
+        rule = np.asarray(self.axis_rule, dtype=np.int64)[ctypes]  # (n, 2, 2)
+        slot = self.type_offset[rule[:, :, 0]] + rule[:, :, 1]  # (n, 2)
+        ok = rule[:, :, 1] < sel[rule[:, :, 0]]
+        slot = np.where(ok, slot, 0)
+        ok &= slots.mask[rows[:, None], slot]
+        ok[:, 1] &= slot[:, 1] != slot[:, 0]
+        a, b = slots.rij[rows, slot[:, 0]], slots.rij[rows, slot[:, 1]]
+        cr = np.linalg.norm(np.cross(a, b), axis=-1)
+        ok[:, 1] &= cr > _COLLINEAR_TOL * np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-300)
+        bad = ~ok.all(axis=1)
+        if bad.any():
+            slot[bad] = self._choose_axes_general(slots.mask[bad], slots.r[bad], slots.rij[bad], ctypes[bad])
+        return slot
+
+    def _choose_axes_general(self, mask, r, rij, ctypes) -> np.ndarray:
+        """The axis rule with every fallback, for the rows given (mask, r (n, nslot), rij (n, nslot, 3))."""
+        n, nslot = mask.shape
         sel = self.sel
         rule = np.asarray(self.axis_rule, dtype=np.int64)  # (ntypes, 2, 2)
-        big = np.where(slots.mask, slots.r, np.inf)
+        big = np.where(mask, r, np.inf)
         by_dist = np.argsort(big, axis=1, kind="stable")  # (n, nslot) slots nearest first
         rows = np.arange(n)
 
@@ -248,14 +343,14 @@ class LocFrame(_Base):
 
         # axis 1: the rule's atom, else the nearest neighbour
         c1 = np.concatenate([rule_candidates(0)[:, :1], by_dist], axis=1)
-        v1 = (c1 >= 0) & slots.mask[rows[:, None], np.maximum(c1, 0)]
+        v1 = (c1 >= 0) & mask[rows[:, None], np.maximum(c1, 0)]
         a1 = first_valid(c1, v1)
         # axis 2: the rule's atom, next ranks of that element, then any neighbour by distance
         c2 = np.concatenate([rule_candidates(1), by_dist], axis=1)
         cc = np.maximum(c2, 0)
-        v2 = (c2 >= 0) & slots.mask[rows[:, None], cc] & (c2 != a1[:, None])
-        a_vec = slots.rij[rows, np.maximum(a1, 0)]  # (n, 3)
-        b_vec = slots.rij[rows[:, None], cc]  # (n, K, 3)
+        v2 = (c2 >= 0) & mask[rows[:, None], cc] & (c2 != a1[:, None])
+        a_vec = rij[rows, np.maximum(a1, 0)]  # (n, 3)
+        b_vec = rij[rows[:, None], cc]  # (n, K, 3)
         cr = np.linalg.norm(np.cross(a_vec[:, None, :], b_vec), axis=-1)
         nb = np.linalg.norm(b_vec, axis=-1) * np.linalg.norm(a_vec, axis=-1)[:, None]
         v2 &= cr > _COLLINEAR_TOL * np.maximum(nb, 1e-300)
@@ -295,44 +390,71 @@ class LocFrame(_Base):
         Cx, Cy = _cross_matrix(ex), _cross_matrix(ey)
         dez_da = -Cy @ dex_da + Cx @ dey_da
         dez_db = Cx @ dey_db
-        dQ_da = np.stack([dex_da, dey_da, dez_da], axis=1)
-        dQ_db = np.stack([np.zeros_like(dex_da), dey_db, dez_db], axis=1)
+        # zero where there is no such axis atom (the frame then does not move with any neighbour)
+        dQ_da = np.stack([dex_da, dey_da, dez_da], axis=1) * has1[:, None, None, None]
+        dQ_db = np.stack([np.zeros_like(dex_da), dey_db, dez_db], axis=1) * has2[:, None, None, None]
 
         m = slots.mask
         r = np.where(m, slots.r, 1.0)
         rij = slots.rij
         inv_r = m / r
         inv_r2 = inv_r / r
-        q = np.einsum("nmx,nkx->nkm", Q, rij)  # local coordinates (n, nslot, 3)
-        is_a = self.is_a[None, :] & m  # (n, nslot)
-        env = np.zeros((n, nslot, 4))
+        q = np.matmul(rij, Q.transpose(0, 2, 1))  # local coordinates (n, nslot, 3)
+        w = inv_r2 * (self.is_a[None, :] & m)  # (n, nslot) 1/r^2 on the filled a-slots, else 0
+        env = np.empty((n, nslot, 4))
         env[..., 0] = inv_r
-        env[..., 1:] = q * (inv_r2 * is_a)[..., None]
+        np.multiply(q, w[..., None], out=env[..., 1:])
+        extras = dict(inv_r=inv_r, inv_r2=inv_r2, w=w, q=q, Q=Q, dQ_da=dQ_da, dQ_db=dQ_db)
+        return DescriptorChunk(c.start, c.stop, slots, env, axis, extras, self)
 
+    def jacobian(self, chunk: DescriptorChunk) -> tuple:
+        """Blocks with respect to rij of the slot itself, and to the two axis vectors a and b::
+
+        d(1/r)/drij = -rij / r^3
+        d(q_m / r^2)/drij = e_m / r^2 - 2 q_m rij / r^4            (a-slots; q_m = e_m . rij)
+        d(q_m / r^2)/da = (rij / r^2) . d e_m / da                 (and the same for b)
+        """
+        x = chunk.extras
+        rij, w, inv_r, inv_r2, q, Q = chunk.slots.rij, x["w"], x["inv_r"], x["inv_r2"], x["q"], x["Q"]
+        n, nslot = w.shape
         jac = np.zeros((n, nslot, 4, 3))
         jac[:, :, 0, :] = -rij * (inv_r2 * inv_r)[..., None]
-        # d(q_m / r^2)/drij = e_m / r^2 - 2 q_m rij / r^4
-        w = (inv_r2 * is_a)[..., None, None]
-        jac[:, :, 1:, :] = w * (Q[:, None, :, :] - 2 * q[..., :, None] * (rij * inv_r2[..., None])[..., None, :])
-        # through the frame: d(q_m / r^2)/da = (rij / r^2) . d e_m / da
-        v = rij * (inv_r2 * is_a)[..., None]  # (n, nslot, 3)
-        jac_a = np.zeros((n, nslot, 4, 3))
-        jac_b = np.zeros((n, nslot, 4, 3))
-        jac_a[:, :, 1:, :] = np.einsum("nkx,nmxy->nkmy", v, dQ_da)
-        jac_b[:, :, 1:, :] = np.einsum("nkx,nmxy->nkmy", v, dQ_db)
-        jac_a *= has1[:, None, None, None]
-        jac_b *= has2[:, None, None, None]
-        return DescriptorChunk(c.start, c.stop, slots, env, jac, jac_a, jac_b, axis)
+        jac[:, :, 1:, :] = w[..., None, None] * (
+            Q[:, None, :, :] - 2 * q[..., :, None] * (rij * inv_r2[..., None])[..., None, :]
+        )
+        v = rij * w[..., None]  # (n, nslot, 3)
+        blocks = []
+        for dQ in (x["dQ_da"], x["dQ_db"]):
+            jb = np.zeros((n, nslot, 4, 3))
+            jb[:, :, 1:, :] = np.matmul(v, dQ.transpose(0, 2, 1, 3).reshape(n, 3, 9)).reshape(n, nslot, 3, 3)
+            blocks.append(jb)
+        return jac, blocks[0], blocks[1]
 
     def vjp(self, chunk: DescriptorChunk, g_env: np.ndarray) -> np.ndarray:
-        out = np.einsum("nkc,nkcx->nkx", g_env, chunk.jac)
-        ga = np.einsum("nkc,nkcx->nx", g_env, chunk.jac_a)
-        gb = np.einsum("nkc,nkcx->nx", g_env, chunk.jac_b)
+        """The blocks of :meth:`jacobian` contracted with g, in factored form (gq_m = g_m / r^2 on a-slots)::
+
+        dE/drij = sum_m gq_m e_m - rij (g_0 / r^3 + 2 / r^2 sum_m gq_m q_m)
+        dE/da = sum_m,x M_mx d e_mx / da,   M = sum_k gq_k (x) rij_k   (added to the axis atom's slot)
+        """
+        x = chunk.extras
+        rij, Q = chunk.slots.rij, x["Q"]
+        gq = g_env[..., 1:] * x["w"][..., None]  # (n, nslot, 3)
+        # sum_m gq_m q_m = sum_m g_m env_m (env_m = q_m / r^2 on a-slots), so with env_0 = 1/r:
+        # g_0 / r^3 + 2 / r^2 sum_m gq_m q_m = (2 g . env - g_0 / r) / r^2
+        g0_inv_r = g_env[..., 0] * x["inv_r"]
+        coef = np.einsum("nkc,nkc->nk", g_env, chunk.env)
+        coef *= 2.0
+        coef -= g0_inv_r
+        coef *= x["inv_r2"]
+        out = np.matmul(gq, Q)  # (n, nslot, 3)
+        out -= rij * coef[..., None]
+        M = np.matmul(gq.transpose(0, 2, 1), rij)  # (n, 3, 3)
         rows = np.arange(out.shape[0])
-        a1, a2 = chunk.axis[:, 0], chunk.axis[:, 1]
-        # the axis blocks are already zero where there is no axis atom; index 0 then receives zeros
-        np.add.at(out, (rows, np.maximum(a1, 0)), ga * (a1 >= 0)[:, None])
-        np.add.at(out, (rows, np.maximum(a2, 0)), gb * (a2 >= 0)[:, None])
+        for k, dQ in ((0, x["dQ_da"]), (1, x["dQ_db"])):
+            ax = chunk.axis[:, k]
+            ok = ax >= 0
+            g_axis = np.einsum("nmx,nmxy->ny", M[ok], dQ[ok])
+            out[rows[ok], ax[ok]] += g_axis
         return out
 
 

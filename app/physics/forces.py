@@ -36,16 +36,19 @@ def accumulate_forces_virial(
     ``slots`` and ``dEdr`` (n, nslot, 3) belong to centre atoms start .. start + n; ``j_of_pair`` is the
     neighbour list's ``j`` array (indexed by ``slots.pair``).
     """
-    n = slots.natoms
+    n, nslot = slots.pair.shape
     m = slots.mask
-    g = dEdr * m[..., None]
-    forces[start : start + n] += g.sum(axis=1)
-    jj = j_of_pair[slots.pair[m]]
-    gm = g[m]  # (P, 3)
+    if not m.any():
+        return
+    # (3, n * nslot): each Cartesian component contiguous, masked so that empty slots add nothing
+    g = np.empty((3, n * nslot))
+    np.multiply(np.moveaxis(dEdr, -1, 0).reshape(3, n, nslot), m, out=g.reshape(3, n, nslot))
+    jj = j_of_pair[np.where(m, slots.pair, 0)].reshape(-1)  # (n * nslot,) neighbour atom of each slot
     N = forces.shape[0]
     for c in range(3):
-        forces[:, c] -= np.bincount(jj, weights=gm[:, c], minlength=N)
-    virial -= np.einsum("pa,pb->ab", slots.rij[m], gm)
+        forces[start : start + n, c] += g[c].reshape(n, nslot).sum(axis=1)
+        forces[:, c] -= np.bincount(jj, weights=g[c], minlength=N)
+    virial -= (g @ slots.rij.reshape(-1, 3)).T  # Xi_ab = -sum rij_a dE/drij_b
 
 
 def atomic_virials(slots: Slots, dEdr: np.ndarray) -> np.ndarray:

@@ -23,7 +23,9 @@ __all__ = ["NeighborList", "neighbor_list", "estimate_neighbours", "closest_pair
 
 @dataclass(frozen=True)
 class NeighborList:
-    """Pairs sorted by centre ``i`` (then ``j``). Shapes: i, j (P,); S (P, 3) int; D (P, 3); d (P,)."""
+    """Pairs sorted by centre ``i`` (in no particular order within a centre: vesin leaves it unspecified;
+    :func:`app.physics.environment.build_slots` sorts each centre's neighbours itself).
+    Shapes: i, j (P,); S (P, 3) int; D (P, 3); d (P,)."""
 
     i: np.ndarray
     j: np.ndarray
@@ -82,14 +84,19 @@ def neighbor_list(positions, cell=None, pbc=None, cutoff: float = 6.0) -> Neighb
         periodic = [bool(p) for p in pbc]
         if not pbc.all():
             box = _box_for_mixed_pbc(positions, cell, pbc, cutoff)
-    calc = vesin.NeighborList(cutoff=float(cutoff), full_list=True, sorted=True)
-    i, j, S, D, d = calc.compute(points=positions, box=box, periodic=periodic, quantities="ijSDd")
+    # Grouping the pairs by centre ourselves (one stable argsort of i, then np.take) is cheaper than
+    # vesin's sorted=True, and the copies we make anyway replace vesin's own (copy=False).
+    calc = vesin.NeighborList(cutoff=float(cutoff), full_list=True, sorted=False)
+    i, j, S, D, d = calc.compute(points=positions, box=box, periodic=periodic, quantities="ijSDd", copy=False)
+    i = i.view(np.int64) if i.dtype == np.uint64 else i.astype(np.int64)
+    j = j.view(np.int64) if j.dtype == np.uint64 else j.astype(np.int64)
+    order = np.argsort(i, kind="stable")
     return NeighborList(
-        i.astype(np.int64, copy=False),
-        j.astype(np.int64, copy=False),
-        S.astype(np.int64, copy=False),
-        D,
-        d,
+        np.take(i, order),
+        np.take(j, order),
+        np.take(S, order, axis=0).astype(np.int64),
+        np.take(D, order, axis=0),
+        np.take(d, order),
     )
 
 

@@ -330,3 +330,31 @@ def test_se_e2_a_switching_function():
     rr = np.array([1.5, 2.5, 3.3, 5.9])
     fd = (desc.switch(rr + h)[0] - desc.switch(rr - h)[0]) / (2 * h)
     np.testing.assert_allclose(desc.switch(rr)[1], fd, rtol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the fast paths agree with the rules they shortcut
+
+
+@pytest.mark.parametrize("name", SYSTEMS)
+def test_axis_choice_matches_general_rule(name):
+    desc, positions, cell, pbc, types = _system(name, "loc_frame")
+    ch = _env(desc, positions, cell, pbc, types)
+    s = ch.slots
+    np.testing.assert_array_equal(ch.axis, desc._choose_axes_general(s.mask, s.r, s.rij, types))
+
+
+def test_exact_distance_ties_are_ordered_by_neighbour_index():
+    # a simple cubic crystal (two elements on alternating sites): every shell is a set of exact ties
+    grid = np.stack(np.meshgrid(*[np.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3) * 2.0
+    types = grid.sum(axis=1).astype(int) // 2 % 2
+    desc = SeA(4.5, 1.0, [40, 40])
+    nl = neighbor_list(grid, np.eye(3) * 8.0, [True] * 3, desc.rcut)
+    s = desc.compute(nl, types).slots
+    j = np.where(s.mask, nl.j[np.maximum(s.pair, 0)], -1)
+    for a, b in _groups(desc):
+        r, jj, m = s.r[:, a:b], j[:, a:b], s.mask[:, a:b]
+        assert m.any()
+        key_ok = (r[:, 1:] > r[:, :-1]) | ((r[:, 1:] == r[:, :-1]) & (jj[:, 1:] >= jj[:, :-1]))
+        assert (key_ok | ~m[:, 1:]).all()
+    assert (np.diff(s.r[:, :40], axis=1)[s.mask[:, 1:40]] == 0).any()  # there are ties to break

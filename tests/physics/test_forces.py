@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.physics.descriptors import LocFrame, SeA
+from app.physics.descriptors import LocFrame, SeA, vjp_from_blocks
 from app.physics.forces import accumulate_forces_virial, atomic_virials
 from app.physics.neighbors import neighbor_list
 
@@ -172,3 +172,28 @@ def test_more_neighbours_than_sel_forces_match_finite_difference(desc):
     types = np.array([0, 1, 1, 1, 1, 1, 1])
     assert discontinuity_margin(positions, None, None, types, desc.rcut, boundaries_of(desc)) > 1e-3
     _check_fd(desc, positions, types)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the service's VJP and training's Jacobian blocks give the same dE/drij
+
+
+def _vjp_cases():
+    se_a, loc = small_descriptors()
+    for name in STRUCTURES:
+        yield name, se_a, *structure(name)
+        yield name, loc, *structure(name)
+    collinear = np.array([[0, 0, 0], [0.95, 0, 0], [-1.0, 0, 0], [0.3, 1.5, 0.2], [2.5, 0.6, -1.1]], float)
+    yield "collinear", LOC, collinear, None, None, np.array([0, 1, 1, 1, 0])
+    yield "linear", LOC, np.outer([0.0, 0.96, -1.01], [0.48, -0.6, 0.64]), None, None, np.array([0, 1, 1])
+    yield "dimer", LOC, np.array([[0.1, -0.2, 0.3], [0.8, 0.5, -0.4]]), None, None, np.array([0, 1])
+
+
+@pytest.mark.parametrize("case", list(_vjp_cases()), ids=lambda c: f"{c[0]}-{c[1].kind}")
+def test_vjp_equals_contraction_with_jacobian_blocks(case):
+    _, desc, positions, cell, pbc, types = case
+    ch = desc.compute(neighbor_list(positions, cell, pbc, desc.rcut), types)
+    g = np.random.default_rng(8).standard_normal(ch.env.shape)
+    direct = desc.vjp(ch, g)
+    np.testing.assert_allclose(direct, vjp_from_blocks(ch, g), rtol=0, atol=1e-13 * np.abs(direct).max())
+    np.testing.assert_array_equal(direct[~ch.slots.mask], 0.0)
