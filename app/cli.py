@@ -1,4 +1,4 @@
-"""The `dpserve` command: serve, train, export, test (training commands import torch lazily)."""
+"""The `dpserve` command: serve, train, export, test, ipi (training commands import torch lazily)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,25 @@ def _test(args) -> int:
     return evaluate_cli(args)
 
 
+def _ipi(args) -> int:
+    import logging
+
+    from app.ipi import read_species, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    address = port = None
+    if args.address:
+        address, _, port = args.address.rpartition(":")
+        if not address or not port.isdigit():
+            print(f"error: --address must be HOST:PORT, got {args.address!r}", file=sys.stderr)
+            return 2
+    species = read_species(args.init_file) if args.init_file else None
+    n = run(args.server, species, args.model, address=address, port=port, unix=args.unix,
+            sockets_prefix=args.sockets_prefix, isolated=args.isolated, encoding=args.encoding, wait=args.wait)
+    print(f"i-PI finished: {n} structures evaluated by {args.server}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dpserve", description="Deep Potential models as a web service")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -91,6 +110,24 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--frames", choices=["all", "val"], default="all",
                    help="'val': only the frames the model held out during training (from its manifest)")
     v.set_defaults(func=_test)
+
+    i = sub.add_parser("ipi", help="drive an i-PI simulation with forces from a running dpserve service",
+                       description="Connects to i-PI's socket (i-PI is the server) and answers every "
+                       "structure with one POST /predict. See docs/md.md.")
+    where = i.add_mutually_exclusive_group(required=True)
+    where.add_argument("--address", help="i-PI's inet socket, HOST:PORT (as in <ffsocket mode='inet'>)")
+    where.add_argument("--unix", help="i-PI's unix socket NAME (the path is SOCKETS_PREFIX + NAME; "
+                       "a NAME with a '/' is a whole path)")
+    i.add_argument("--sockets-prefix", default="/tmp/ipi_", help="i-PI's <simulation sockets_prefix> "
+                   "(default: %(default)s)")
+    i.add_argument("--server", default="http://127.0.0.1:8000", help="dpserve URL (default: %(default)s)")
+    i.add_argument("--model", default=None, help="model NAME or NAME/VERSION (default: the server's)")
+    i.add_argument("--init-file", default=None, help="structure file ASE reads (e.g. i-PI's init xyz), "
+                   "for the element symbols in i-PI's atom order; else 'species' in <parameters>")
+    i.add_argument("--isolated", action="store_true", help="molecule or cluster: send no cell")
+    i.add_argument("--encoding", default="msgpack", choices=["msgpack", "json"])
+    i.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the service and for i-PI")
+    i.set_defaults(func=_ipi)
 
     args = p.parse_args(argv)
     return int(args.func(args) or 0)
