@@ -100,6 +100,16 @@ def neighbor_list(positions, cell=None, pbc=None, cutoff: float = 6.0) -> Neighb
     )
 
 
+_PROBE = 2.0  # Angstrom: smallest cutoff closest_pair asks vesin for
+_DENSE_MAX = 256  # isolated frames up to this many atoms: dense distance matrix (guards are then exact)
+
+
+def _dense_distances(positions: np.ndarray) -> np.ndarray:
+    """(N, N) distances of an isolated frame."""
+    diff = positions[:, None, :] - positions[None, :, :]  # (N, N, 3)
+    return np.sqrt(np.einsum("ijx,ijx->ij", diff, diff))
+
+
 def closest_pair(positions, cell=None, pbc=None, within: float = 0.1) -> tuple[int, int, float] | None:
     """The closest pair ``(i, j, d)`` with distance ``d < within`` (Angstrom), or None if there is none.
 
@@ -110,17 +120,24 @@ def closest_pair(positions, cell=None, pbc=None, within: float = 0.1) -> tuple[i
     positions, cell, pbc = _check_inputs(positions, cell, pbc, within)
     if len(positions) == 0:
         return None
+    if not pbc.any() and len(positions) <= _DENSE_MAX:  # small molecule: all distances, faster than a cell list
+        d = _dense_distances(positions)
+        np.fill_diagonal(d, np.inf)
+        i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+        return (int(min(i, j)), int(max(i, j)), float(d[i, j])) if d[i, j] < within else None
     if not pbc.any():
         box, periodic = np.zeros((3, 3)), False
     else:
         box = cell if pbc.all() else _box_for_mixed_pbc(positions, cell, pbc, within)
         periodic = [bool(p) for p in pbc]
-    calc = vesin.NeighborList(cutoff=float(within), full_list=False)
+    # vesin's cell list has cells about as wide as its cutoff: a tiny cutoff means millions of cells (24 ms
+    # for 192 atoms at 0.1 A), so search up to _PROBE and filter (a few pairs per atom at liquid density)
+    calc = vesin.NeighborList(cutoff=max(float(within), _PROBE), full_list=False)
     i, j, d = calc.compute(points=positions, box=box, periodic=periodic, quantities="ijd")
     if len(d) == 0:
         return None
     k = int(np.argmin(d))
-    return int(i[k]), int(j[k]), float(d[k])
+    return (int(i[k]), int(j[k]), float(d[k])) if d[k] < within else None
 
 
 def _box_for_mixed_pbc(positions, cell, pbc, cutoff):
@@ -166,6 +183,8 @@ def estimate_neighbours(positions, cell=None, pbc=None, cutoff: float = 6.0) -> 
     n = len(positions)
     if n == 0:
         return 0.0
+    if not pbc.any() and n <= _DENSE_MAX:  # small isolated frame: the exact count (self included, as below)
+        return float(np.count_nonzero(_dense_distances(positions) < cutoff)) / n
     if not pbc.any():
         box = np.eye(3) * cutoff
     elif pbc.all():
@@ -197,19 +216,16 @@ def estimate_neighbours(positions, cell=None, pbc=None, cutoff: float = 6.0) -> 
 
     ukeys, first, counts = np.unique(key(bins), return_index=True, return_counts=True)
     ubins = bins[first]  # (U, 3)
-    around = np.zeros(len(ukeys), dtype=np.float64)  # (U,) atoms in the window of each occupied bin
-    for ox in window[0]:
-        for oy in window[1]:
-            for oz in window[2]:
-                nb = ubins + np.array([ox, oy, oz])
-                for k in range(3):
-                    if pbc[k]:
-                        nb[:, k] %= nbins[k]
-                    else:
-                        np.clip(nb[:, k], -_BIN_MAX, _BIN_MAX, out=nb[:, k])
-                nk = key(nb)
-                pos = np.minimum(np.searchsorted(ukeys, nk), len(ukeys) - 1)
-                around += np.where(ukeys[pos] == nk, counts[pos], 0)
+    offsets = np.array(np.meshgrid(*window, indexing="ij")).reshape(3, -1).T  # (W, 3)
+    nb = ubins[:, None, :] + offsets[None, :, :]  # (U, W, 3) bins around each occupied bin
+    for k in range(3):
+        if pbc[k]:
+            nb[..., k] %= nbins[k]
+        else:
+            np.clip(nb[..., k], -_BIN_MAX, _BIN_MAX, out=nb[..., k])
+    nk = key(nb.reshape(-1, 3))
+    pos = np.minimum(np.searchsorted(ukeys, nk), len(ukeys) - 1)
+    around = np.where(ukeys[pos] == nk, counts[pos], 0).reshape(len(ukeys), -1).sum(1).astype(np.float64)  # (U,)
     bin_volume = volume * frac_bin_volume
     sphere = 4.0 / 3.0 * np.pi * cutoff**3
     smooth = around / (bin_volume * np.prod([len(w) for w in window])) * sphere  # (U,)
