@@ -7,8 +7,9 @@ Policy, per model:
 
 * When the worker is free and a request is queued, the batcher takes queued requests in arrival order
   up to ``max_batch_atoms`` atoms (a larger request goes alone) and makes one ``predict`` call with all
-  their frames; inside it, predict packs frames into onnxruntime runs of about ``chunk_atoms`` centre atoms
-  and splits huge frames into such chunks (exact: the model is local).
+  their frames (small isolated frames packed side by side, :mod:`app.inference.packing`); inside it,
+  predict packs frames into onnxruntime runs of about ``chunk_atoms`` centre atoms and splits huge frames
+  into such chunks (exact: the model is local).
 * Before taking, it waits for partners -- but only while other requests are still being decoded and
   validated (``incoming() > 0``), and at most ``wait_s``. A lone client (an MD code stepping) never waits;
   under load, requests that arrive while the worker is busy are batched anyway.
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from app.core.errors import ServiceError
 from app.core.metrics import Metrics
 from app.inference.model import DeepPotModel, Frame
+from app.inference.packing import predict_frames
 
 __all__ = ["Batcher"]
 
@@ -155,7 +157,7 @@ class Batcher:
     def _predict(self, frames: list[Frame], atomic_energies: bool, n_requests: int) -> list[dict]:
         """Runs in the worker thread."""
         t0 = time.perf_counter()
-        results = self.model.predict(frames, atomic_energies=atomic_energies, chunk_atoms=self.chunk_atoms)
+        results = predict_frames(self.model, frames, atomic_energies=atomic_energies, chunk_atoms=self.chunk_atoms)
         dt = time.perf_counter() - t0
         if self.metrics is not None:
             atoms = sum(len(f.types) for f in frames)
