@@ -3,8 +3,10 @@
 Both carry the same field names. In msgpack, a numeric array may be a raw array
 ``{"dtype": "float64", "shape": [...], "data": <little-endian bytes>}`` (see :func:`app.schemas.raw_array`);
 msgpack responses send ``forces`` and ``atomic_energies`` (the arrays that grow with N) in that form, the
-small ``virial`` and ``stress`` as lists. JSON floats are written with ``repr`` precision, so both encodings
-give bit-identical numbers.
+small ``virial`` and ``stress`` as lists. JSON is read and written with orjson (numpy arrays serialised
+directly; floats in shortest round-trip form, so both encodings give bit-identical numbers); a body that
+strict JSON rejects is re-read with Python's parser, which also accepts the NaN/Infinity that Python
+clients write (and the validation then names the non-finite coordinate).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 
 import msgpack
 import numpy as np
+import orjson
 
 from app.core.errors import ServiceError
 from app.schemas import raw_array
@@ -47,22 +50,16 @@ def decode_body(body: bytes, content_type: str | None):
         if not body:
             raise ServiceError(400, "empty request body: send a JSON object {\"frames\": [...]}")
         try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass  # strict JSON failed: Python's parser also reads NaN/Infinity, and says where the error is
+        try:
             return json.loads(body)
         except json.JSONDecodeError as e:
             raise ServiceError(400, f"malformed JSON body: {e.msg} at line {e.lineno} column {e.colno}") from None
         except (UnicodeDecodeError, RecursionError) as e:
             raise ServiceError(400, f"malformed JSON body: {type(e).__name__}") from None
     raise ServiceError(415, f"unsupported Content-Type {media!r}; use {JSON} or {MSGPACK}")
-
-
-def _json_ready(results: list[dict]) -> list[dict]:
-    out = []
-    for r in results:
-        o = {}
-        for k, v in r.items():
-            o[k] = v.tolist() if isinstance(v, np.ndarray) else v
-        out.append(o)
-    return out
 
 
 def _msgpack_ready(results: list[dict]) -> list[dict]:
@@ -87,5 +84,5 @@ def encode(payload: dict, as_msgpack: bool) -> tuple[bytes, str]:
     if as_msgpack:
         body = {"model": payload["model"], "results": _msgpack_ready(payload["results"])}
         return msgpack.packb(body, use_bin_type=True), MSGPACK
-    body = {"model": payload["model"], "results": _json_ready(payload["results"])}
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode(), JSON
+    body = {"model": payload["model"], "results": payload["results"]}
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), JSON
