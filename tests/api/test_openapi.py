@@ -45,3 +45,13 @@ def test_every_request_and_response_field_is_documented(client):
 def test_docs_page_is_served(client):
     assert client.get("/docs").status_code == 200
     assert client.get("/openapi.json").status_code == 200
+
+
+def test_every_setting_is_documented_with_its_environment_variable():
+    from pathlib import Path
+
+    from app.core.config import Settings
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`DPSERVE_{name.upper()}` | `{name}`" in doc, name
