@@ -53,3 +53,17 @@ def test_health_answers_while_a_model_call_runs(client, monkeypatch):
     assert time.perf_counter() - t0 < 0.5
     worker.join(30)
     assert status["code"] == 200
+
+
+def test_an_internal_failure_is_a_500_and_the_server_goes_on(client, monkeypatch):
+    model = client.app.state.registry.find(SE)
+
+    def broken(frames, **kw):
+        raise FloatingPointError("simulated fault inside the model")
+
+    monkeypatch.setattr(model, "predict", broken)
+    r = post(client, {"model": SE, "frames": [WATER_MOLECULE]})
+    assert r.status_code == 500
+    assert "internal error while evaluating model water-se-tiny/1" in r.json()["detail"]
+    monkeypatch.undo()
+    assert post(client, {"model": SE, "frames": [WATER_MOLECULE]}).status_code == 200
