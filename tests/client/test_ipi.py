@@ -57,12 +57,17 @@ def _forceready(sock, natoms: int, batch: int = 1):
     return u, f, vir, extras
 
 
-def _run_fake_ipi(tmp_path, bridge: IPIBridge, script):
-    """Listen on a unix socket like i-PI, run ``script(conn)`` in a thread, serve it with ``bridge`` here;
-    returns what the script returned."""
-    path = str(tmp_path / "ipi_sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
+def _run_fake_ipi(tmp_path, bridge: IPIBridge, script, inet: bool = False):
+    """Listen on a unix socket (or a loopback TCP port) like i-PI, run ``script(conn)`` in a thread, serve
+    it with ``bridge`` here; returns (structures evaluated, what the script returned)."""
+    if inet:
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.bind(("127.0.0.1", 0))
+        where = {"address": "127.0.0.1", "port": server.getsockname()[1]}
+    else:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(tmp_path / "ipi_sock"))
+        where = {"unix": str(tmp_path / "ipi_sock")}
     server.listen(1)
     out, errors = {}, []
 
@@ -77,7 +82,7 @@ def _run_fake_ipi(tmp_path, bridge: IPIBridge, script):
 
     t = threading.Thread(target=ipi, daemon=True)
     t.start()
-    sock = connect(unix=path, wait=5)
+    sock = connect(**where, wait=5)
     try:
         steps = bridge.serve(sock)
     finally:
@@ -171,7 +176,7 @@ def test_bridge_batched_protocol_sends_all_beads_in_one_request(app_client, tmp_
         np.testing.assert_allclose(vir[k].T * Hartree, ref["virial"], rtol=1e-12, atol=1e-12)
 
 
-def test_bridge_takes_species_and_model_from_the_init_string(app_client, tmp_path):
+def test_bridge_takes_species_and_model_from_the_init_string_over_tcp(app_client, tmp_path):
     atoms = water_box()
 
     def script(conn):
@@ -185,7 +190,7 @@ def test_bridge_takes_species_and_model_from_the_init_string(app_client, tmp_pat
         return res
 
     bridge = IPIBridge(Client(http_client=app_client))
-    _, (u, _, _, _) = _run_fake_ipi(tmp_path, bridge, script)
+    _, (u, _, _, _) = _run_fake_ipi(tmp_path, bridge, script, inet=True)
     assert bridge.model == LOCFRAME
     assert u[0] * Hartree == pytest.approx(_predict(app_client, atoms, LOCFRAME)["energy"], rel=1e-13)
 
@@ -202,6 +207,13 @@ def test_bridge_refuses_an_atom_count_that_does_not_match_its_species(app_client
 
     with pytest.raises(ValueError, match="192 atoms but the bridge has 3 species"):
         _run_fake_ipi(tmp_path, IPIBridge(Client(http_client=app_client), ["O", "H", "H"]), script)
+
+
+def test_cli_refuses_a_malformed_address(capsys):
+    from app.cli import main
+
+    assert main(["ipi", "--address", "localhost", "--server", "http://127.0.0.1:9"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
 
 
 def test_ipi_xyz_keeps_the_structure(tmp_path):
