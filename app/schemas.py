@@ -252,6 +252,8 @@ class ModelInfo(BaseModel):
     metrics: dict = Field(description="training/validation errors from the manifest")
     default: bool = Field(False, description="whether requests without 'model' use this model")
     versions: list[str] = Field(default_factory=list, description="all loaded versions of this name")
+    providers: list[str] = Field(default_factory=list, description="onnxruntime execution providers in use, "
+                                 "first = preferred (CUDAExecutionProvider on a GPU)")
 
 
 class RefusedModel(BaseModel):

@@ -14,7 +14,8 @@ router = APIRouter(tags=["models"])
 
 
 def _info(registry: ModelRegistry, model: DeepPotModel) -> ModelInfo:
-    return ModelInfo(**model.info(), default=registry.is_default(model), versions=registry.versions(model.name))
+    return ModelInfo(**model.info(), default=registry.is_default(model), versions=registry.versions(model.name),
+                     providers=list(model.providers))
 
 
 @router.get("/models", response_model=ModelsResponse, summary="Loaded models (and refused ones)")
