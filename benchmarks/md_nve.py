@@ -91,8 +91,11 @@ def plot(results: dict, path: Path):
         ax.plot(t, (rows[:, 1] - rows[0, 1]) / n * 1000, label="total", lw=1.2)
         ax.plot(t, (rows[:, 2] - rows[0, 2]) / n * 1000, label="potential", lw=0.6, alpha=0.7)
         ax.plot(t, (rows[:, 3] - rows[0, 3]) / n * 1000, label="kinetic", lw=0.6, alpha=0.7)
-        ax.set_title(f"{name}: NVE, 192 H2O atoms, 0.5 fs; drift {summ['slope_meV_per_atom_per_ps']:.3f} meV/atom/ps, "
-                     f"max step jump {summ['max_step_jump_meV_per_atom']:.3f} meV/atom", fontsize=9)
+        ax.set_title(
+            f"{name}: NVE, 192 H2O atoms, 0.5 fs; drift {summ['slope_meV_per_atom_per_ps']:.3f} meV/atom/ps, "
+            f"max step jump {summ['max_step_jump_meV_per_atom']:.3f} meV/atom",
+            fontsize=9,
+        )
         ax.set_xlabel("time (ps)")
         ax.set_ylabel("E - E(0) (meV/atom)")
         ax.grid(alpha=0.3)
@@ -132,11 +135,15 @@ def main(argv=None):
         s["ms_per_step"] = round(1000 * wall / max(args.steps, 1), 3)
         results[name] = (rows, s)
         summary[name] = s
-        np.savetxt(out / f"md_nve_{name}.csv", rows, delimiter=",", header="time_fs,total_eV,potential_eV,kinetic_eV")
+        np.savetxt(
+            out / f"md_nve_{name}.csv", rows, delimiter=",", header="time_fs,total_eV,potential_eV,kinetic_eV"
+        )
         print(name, json.dumps(s))
     if results:
         plot(results, out / "md_nve.png")
-        (out / "md_nve.json").write_text(json.dumps({"steps": args.steps, "dt_fs": args.dt, "results": summary}, indent=2))
+        (out / "md_nve.json").write_text(
+            json.dumps({"steps": args.steps, "dt_fs": args.dt, "results": summary}, indent=2)
+        )
         print(f"wrote {out / 'md_nve.json'} and {out / 'md_nve.png'}")
 
 
