@@ -2,7 +2,7 @@
 
 Both carry the same field names. In msgpack, a numeric array may be a raw array
 ``{"dtype": "float64", "shape": [...], "data": <little-endian bytes>}`` (see :func:`app.schemas.raw_array`);
-msgpack responses send ``forces`` and ``atomic_energies`` (the arrays that grow with N) in that form, the
+msgpack responses send ``forces``, ``atomic_energies`` and ``devi_f`` (the arrays that grow with N) in that form, the
 small ``virial`` and ``stress`` as lists. JSON is read and written with orjson (numpy arrays serialised
 directly; floats in shortest round-trip form, so both encodings give bit-identical numbers); a body that
 strict JSON rejects is re-read with Python's parser, which also accepts the NaN/Infinity that Python
@@ -62,17 +62,19 @@ def decode_body(body: bytes, content_type: str | None):
     raise ServiceError(415, f"unsupported Content-Type {media!r}; use {JSON} or {MSGPACK}")
 
 
+_RAW_KEYS = ("forces", "atomic_energies", "devi_f")  # arrays that grow with N: raw arrays in msgpack
+
+
+def _msgpack_value(k: str, v):
+    if isinstance(v, dict):
+        return {kk: _msgpack_value(kk, vv) for kk, vv in v.items()}
+    if k in _RAW_KEYS:
+        return raw_array(v)
+    return v.tolist() if isinstance(v, np.ndarray) else v
+
+
 def _msgpack_ready(results: list[dict]) -> list[dict]:
-    out = []
-    for r in results:
-        o = {}
-        for k, v in r.items():
-            if k in ("forces", "atomic_energies"):
-                o[k] = raw_array(v)
-            else:
-                o[k] = v.tolist() if isinstance(v, np.ndarray) else v
-        out.append(o)
-    return out
+    return [{k: _msgpack_value(k, v) for k, v in r.items()} for r in results]
 
 
 def encode(payload: dict, as_msgpack: bool) -> tuple[bytes, str]:

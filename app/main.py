@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app.api.errors import install_error_handlers
@@ -19,6 +24,8 @@ DESCRIPTION = """Deep Potential models (DeePMD) as a web service: POST atomic co
 forces (eV/Angstrom), virial (eV), stress (eV/Angstrom^3) and per-atom energies. Units: Angstrom, eV.
 JSON or msgpack (large systems). See docs/api.md."""
 
+log = logging.getLogger(__name__)
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
@@ -28,15 +35,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         registry = ModelRegistry.from_store(settings.model_store, device=settings.device,
                                             intra_op_threads=settings.intra_op_threads,
-                                            default_model=settings.default_model)
+                                            default_model=settings.default_model, ensembles=settings.ensembles)
         metrics.models_loaded.set(len(registry.all()))
         metrics.models_refused.set(len(registry.refused))
         service = PredictionService(registry, settings, metrics)
+        service.on_swap = lambda reg: setattr(app.state, "registry", reg)
         await service.start()
         app.state.registry, app.state.service = registry, service
+        sighup = _install_sighup(service)
         try:
             yield
         finally:
+            if sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await service.stop()
 
     app = FastAPI(title="dpserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
@@ -44,9 +55,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.dependency_overrides[get_settings] = lambda: settings
     app.include_router(api_router)
     install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept"],
+                           expose_headers=["Retry-After"])
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def _install_sighup(service: PredictionService) -> bool:
+    """SIGHUP reloads the model store (as POST /admin/reload does). Only possible when the event loop runs in
+    the main thread (uvicorn; not TestClient, whose loop runs in a helper thread): returns whether installed."""
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        return False
+
+    tasks: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("reload after SIGHUP failed: %r", task.exception())
+
+    def on_sighup() -> None:
+        log.warning("SIGHUP: reloading the model store")
+        task = asyncio.ensure_future(service.reload())
+        tasks.add(task)
+        task.add_done_callback(done)
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+    except (NotImplementedError, RuntimeError, ValueError) as e:  # no signals on this loop or platform
+        log.info("SIGHUP reload not available here (%s); use POST /admin/reload", e)
+        return False
+    return True
 
 
 def _openapi(app: FastAPI) -> dict:

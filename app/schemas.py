@@ -30,13 +30,14 @@ from app.core.errors import field_path
 
 __all__ = [
     "PROPERTIES", "DEFAULT_PROPERTIES", "Property", "FrameIn", "PredictRequest", "ModelRef", "FrameResult",
-    "PredictResponse", "ModelInfo", "ModelsResponse", "RefusedModel", "HealthResponse", "ReadyResponse",
+    "ModelDeviation", "PredictResponse", "ModelInfo", "EnsembleInfo", "ModelsResponse", "ReloadResponse",
+    "RefusedModel", "HealthResponse", "ReadyResponse",
     "ErrorResponse", "raw_array", "predict_examples", "describe_errors",
 ]
 
-PROPERTIES = ("energy", "forces", "virial", "stress", "atomic_energies")
+PROPERTIES = ("energy", "forces", "virial", "stress", "atomic_energies", "model_deviation")
 DEFAULT_PROPERTIES = ("energy", "forces", "virial")
-Property = Literal["energy", "forces", "virial", "stress", "atomic_energies"]
+Property = Literal["energy", "forces", "virial", "stress", "atomic_energies", "model_deviation"]
 RAW_DTYPES = {"float64": "<f8", "<f8": "<f8", "f8": "<f8", "float32": "<f4", "<f4": "<f4", "f4": "<f4"}
 
 
@@ -167,7 +168,8 @@ class PredictRequest(BaseModel):
     properties: list[Property] = Field(
         list(DEFAULT_PROPERTIES),
         description="what to compute: energy (eV), forces (N, 3) eV/A, virial (3, 3) eV, stress (6,) eV/A^3 "
-        "(periodic 3D cells only), atomic_energies (N,) eV")
+        "(periodic 3D cells only), atomic_energies (N,) eV, model_deviation (ensembles only: adds the per-atom "
+        "force deviation devi_f (N,) eV/A to the deviations an ensemble always reports)")
 
     @field_validator("frames")
     @classmethod
@@ -214,8 +216,24 @@ def describe_errors(exc: ValidationError, top: type[BaseModel] | None = None) ->
 
 # -- responses ---------------------------------------------------------------------------------------------
 class ModelRef(BaseModel):
-    name: str = Field(description="model name")
-    version: str = Field(description="model version")
+    name: str = Field(description="model (or ensemble) name")
+    version: str = Field(description="model version; 'ensemble' for an ensemble")
+    members: list[str] | None = Field(None, description="ensembles only: the member models, name/version")
+
+
+class ModelDeviation(BaseModel):
+    """DP-GEN's model deviation of an ensemble's members (M members, <.> the mean over members)."""
+
+    max_devi_f: float = Field(description="max over atoms of devi_f, eV/Angstrom (DP-GEN's selection criterion)")
+    min_devi_f: float = Field(description="min over atoms of devi_f, eV/Angstrom")
+    avg_devi_f: float = Field(description="mean over atoms of devi_f, eV/Angstrom")
+    devi_e: float = Field(description="standard deviation over members of the energy per atom, std_m(E^m / N), eV")
+    max_devi_v: float = Field(description="max over the 9 components of std_m(virial^m / N), eV")
+    min_devi_v: float = Field(description="min over the 9 components of std_m(virial^m / N), eV")
+    avg_devi_v: float = Field(description="||std_m(virial^m / N)||_2 / 3 over the 9 components, eV")
+    devi_f: list[float] | None = Field(
+        None, description="per atom sigma_i = sqrt(<|F_i^m - <F_i>|^2>), shape (N,), eV/Angstrom; only when "
+        "properties has model_deviation (msgpack: a raw float64 array)")
 
 
 class FrameResult(BaseModel):
@@ -232,7 +250,10 @@ class FrameResult(BaseModel):
         None, description="per-atom energies summing to energy, shape (N,), eV (msgpack: a raw float64 array)")
     n_dropped: int = Field(
         0, description="neighbours within the cutoff that did not fit the model's sel and were ignored "
-        "(non-zero means the structure is denser than the training data)")
+        "(non-zero means the structure is denser than the training data; ensembles: the largest over members)")
+    model_deviation: ModelDeviation | None = Field(
+        None, description="ensembles only: how much the members disagree (DP-GEN's model deviation); energy, "
+        "forces, virial, stress and atomic_energies are then the members' mean")
 
 
 class PredictResponse(BaseModel):
@@ -257,14 +278,33 @@ class ModelInfo(BaseModel):
 
 
 class RefusedModel(BaseModel):
-    path: str = Field(description="model directory that was not loaded")
+    path: str = Field(description="model directory that was not loaded, or ensembles.NAME")
     reason: str = Field(description="why (bad manifest, checksum mismatch, ...)")
+
+
+class EnsembleInfo(BaseModel):
+    name: str = Field(description="ensemble name, used as 'model' in /predict")
+    members: list[str] = Field(description="member models, name/version")
+    configured: list[str] = Field(description="the members as configured (a name without version: its highest)")
+    type_map: list[str] = Field(description="elements the ensemble knows (all members know the same)")
+    rcut: float = Field(description="largest member cutoff, Angstrom")
 
 
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
     default_model: str | None = Field(description="name/version used when a request names no model")
-    refused: list[RefusedModel] = Field(description="model directories refused at start-up")
+    ensembles: list[EnsembleInfo] = Field(default_factory=list, description="configured ensembles that serve")
+    refused: list[RefusedModel] = Field(description="model directories (and ensembles, path 'ensembles.NAME') "
+                                        "refused by the last load (start-up or reload), with the reason")
+
+
+class ReloadResponse(BaseModel):
+    models: list[str] = Field(description="models served after the reload, name/version")
+    added: list[str] = Field(description="models that were not served before")
+    removed: list[str] = Field(description="models no longer served (gone from the store, or now refused)")
+    replaced: list[str] = Field(description="models whose files changed and were loaded again")
+    ensembles: list[str] = Field(description="ensembles served after the reload")
+    refused: list[RefusedModel] = Field(description="model directories and ensembles refused, with the reason")
 
 
 class HealthResponse(BaseModel):
@@ -280,7 +320,7 @@ class ReadyResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str | list[dict] = Field(
-        description="a message (404, 400, 413, 415, 503), or for 422 a list of {loc, msg, type} whose msg "
+        description="a message (400, 401, 403, 404, 413, 415, 500, 503, 504), or for 422 a list of {loc, msg, type} whose msg "
         "names the field, e.g. 'frames[2].species[5]: unknown element ...'")
 
 

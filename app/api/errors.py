@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail()}, status_code=exc.status_code)
+    return JSONResponse({"detail": exc.detail()}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,18 +1,22 @@
 """Service settings: one pydantic-settings class, read from ``DPSERVE_*`` environment variables.
 
 Every limit exists so that no request can make the server hang or run out of memory: a request beyond a
-limit is refused with 413 (sizes) or 422 (content) before any heavy work starts. Tests build their own
+limit is refused with 413 (sizes) or 422 (content) before any heavy work starts; beyond the queue bounds a
+request is shed at once with 503 and Retry-After; beyond ``request_timeout_s`` it gets 504.
+
+Secrets (``admin_token``, ``api_keys``) are ``SecretStr``: their repr and the logs show ``**********``. Tests build their own
 ``Settings`` and pass it to :func:`app.main.create_app`; the running server uses :func:`get_settings`.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
 
@@ -49,6 +53,45 @@ class Settings(BaseSettings):
     min_distance: float = Field(0.1, ge=0, description="closest allowed approach of two atoms (or an atom and "
                                 "its own periodic image), Angstrom (422 below)")
     max_abs_coordinate: float = Field(1e5, gt=0, description="largest |coordinate| or |cell entry|, Angstrom (422 beyond)")
+
+    # -- overload and deadlines --------------------------------------------------------------------------
+    max_queue_requests: int = Field(
+        256, ge=1, description="requests waiting for a model call, per model; beyond it a request is shed at once "
+        "with 503 and Retry-After (requests of the call running now are not counted)")
+    max_queue_atoms: int = Field(
+        262144, ge=1, description="atoms waiting for a model call, per model (503 beyond; a request larger than "
+        "this is still admitted into an empty queue, as max_atoms_per_request bounds it)")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="deadline of one /predict request from the end of its body upload, seconds "
+        "(504 beyond; frames not yet started leave the queue)")
+
+    # -- ensembles ---------------------------------------------------------------------------------------
+    ensembles: dict[str, list[str]] = Field(
+        default_factory=dict, description="ensembles served under their own name: JSON {name: [member, ...]}, "
+        "members 'name' or 'name/version' of models with the same type_map; /predict returns the members' "
+        "mean and DP-GEN's model deviation")
+
+    # -- access control ----------------------------------------------------------------------------------
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of the admin endpoints (POST /admin/reload); unset: admin endpoints "
+        "are disabled (403)")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="API keys accepted by /predict (Authorization: Bearer KEY or "
+        "X-API-Key: KEY), comma-separated or a JSON list; empty: /predict is open")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed to call the API from a browser (CORS), comma-separated "
+        "or a JSON list, '*' for any; empty: no CORS headers")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _list(cls, v):
+        """A JSON list, or comma-separated values (environment variables), or a list."""
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return json.loads(v)
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
 
 
 @lru_cache

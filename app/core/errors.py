@@ -30,8 +30,9 @@ class ServiceError(Exception):
     """A request the service refuses: HTTP ``status_code`` with a human-readable ``message``."""
 
     def __init__(self, status_code: int, message: str, loc: Sequence | None = None, type: str = "value_error",
-                 errors: list[dict] | None = None):
+                 errors: list[dict] | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers  # e.g. Retry-After on 503, WWW-Authenticate on 401
         self.status_code = status_code
         self.message = message
         self.loc = tuple(loc) if loc is not None else None

@@ -9,7 +9,9 @@ Exposed at ``GET /metrics``. Names:
 * ``dpserve_model_call_seconds{model}`` (histogram), ``dpserve_atoms_total{model}`` (rate() of it is atoms per
   second), ``dpserve_atoms_per_second{model}`` -- the last call's throughput;
 * ``dpserve_queue_depth{model}`` -- requests waiting for a model call; ``dpserve_dropped_neighbours_total{model}``;
-* ``dpserve_models_loaded``, ``dpserve_models_refused``.
+* ``dpserve_shed_total{model, reason}`` -- requests refused with 503 before any work (``queue_full``,
+  ``shutting_down``); ``dpserve_timeouts_total{model}`` -- requests answered 504;
+* ``dpserve_models_loaded``, ``dpserve_models_refused``, ``dpserve_reloads_total{result}``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,14 @@ class Metrics:
         self.dropped = Counter("dpserve_dropped_neighbours", "neighbours beyond the model's sel, ignored",
                                ["model"], registry=r)
         self.models_loaded = Gauge("dpserve_models_loaded", "models loaded", registry=r)
-        self.models_refused = Gauge("dpserve_models_refused", "model directories refused at start-up", registry=r)
+        self.models_refused = Gauge("dpserve_models_refused", "model directories (and ensembles) refused by the "
+                                    "last load", registry=r)
+        self.shed = Counter("dpserve_shed", "requests shed with 503 before any work (queue full, shutting down)",
+                            ["model", "reason"], registry=r)
+        self.timeouts = Counter("dpserve_timeouts", "requests answered 504 (request_timeout_s exceeded)", ["model"],
+                                registry=r)
+        self.reloads = Counter("dpserve_reloads", "model store reloads (admin endpoint or SIGHUP)", ["result"],
+                               registry=r)
 
 
 class MetricsMiddleware:

@@ -18,12 +18,24 @@ Policy, per model:
   matrix kernel may differ, far below 1e-9 relative in float64).
 * If a batched call fails, each request of it is retried alone, so a failure stays with the request that
   caused it.
+
+Overload and deadlines:
+
+* The queue is bounded (``max_queue_requests`` requests and ``max_queue_atoms`` atoms waiting; the call
+  running now does not count). A request beyond either bound is shed at once with 503 and a Retry-After
+  (seconds) estimated from the queued atoms and the last calls' throughput -- it never waits, so neither
+  memory nor waiting time piles up. An empty queue admits any request (the request limits bound it).
+* A request whose caller gives up (a deadline, a closed connection: the awaiting task is cancelled) leaves
+  the queue at once; if its frames are in the running call already, their results are dropped.
+* :meth:`Batcher.stop` refuses new requests (503), lets the queued and running ones finish (bounded by a
+  timeout), then stops the worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,7 +62,8 @@ class _Job:
 
 class Batcher:
     def __init__(self, model: DeepPotModel, *, wait_s: float = 0.002, max_batch_atoms: int = 65536,
-                 chunk_atoms: int = 8192, metrics: Metrics | None = None, incoming: Callable[[], int] = lambda: 0):
+                 chunk_atoms: int = 8192, metrics: Metrics | None = None, incoming: Callable[[], int] = lambda: 0,
+                 max_queue_requests: int | None = None, max_queue_atoms: int | None = None):
         self.model = model
         self.label = f"{model.name}/{model.version}"
         self.wait_s = wait_s
@@ -58,36 +71,104 @@ class Batcher:
         self.chunk_atoms = chunk_atoms
         self.metrics = metrics
         self.incoming = incoming
+        self.max_queue_requests = max_queue_requests
+        self.max_queue_atoms = max_queue_atoms
+        self.closing = False
+        self._current: list[_Job] = []  # the jobs of the model call running now
+        self._atoms_per_s = 0.0  # throughput of recent calls (for Retry-After)
         self._jobs: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dpserve-{model.name}")
         self._task: asyncio.Task | None = None
 
+    @property
+    def running(self) -> bool:
+        """Whether a model call is in progress."""
+        return bool(self._current)
+
     # -- life cycle -------------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher {self.label}")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, finish the queued and running ones (at most ``timeout`` seconds), then stop
+        the worker thread. Requests still queued after the timeout get 503."""
+        self.closing = True
+        deadline = time.monotonic() + timeout
+        while (self._jobs or self.running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._jobs or self.running:
+            log.warning("%s: %d requests still queued after %g s of draining; refusing them", self.label,
+                        len(self._jobs), timeout)
+        current = list(self._current)
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        while self._jobs:
-            job = self._jobs.popleft()
+        for job in [*current, *self._jobs]:
             if not job.future.done():
-                job.future.set_exception(ServiceError(503, "the server is shutting down; retry"))
-        self._executor.shutdown(wait=True)
+                job.future.set_exception(ServiceError(503, "the server is shutting down; retry",
+                                                      headers={"Retry-After": "1"}))
+        self._jobs.clear()
+        self._gauge()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        # join the worker thread off the event loop (it is idle unless the drain timed out)
+        joined = asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        try:
+            await asyncio.wait_for(joined, timeout=max(deadline - time.monotonic(), 0) + 5)
+        except TimeoutError:
+            log.warning("%s: the worker thread is still in a model call; not waiting for it", self.label)
 
     # -- requests ---------------------------------------------------------------------------------------
-    async def submit(self, frames: list[Frame], atomic_energies: bool = False) -> list[dict]:
-        """Queue frames for the next model call; returns predict()'s result dicts for them, in order."""
+    def admission(self, atoms: int) -> ServiceError | None:
+        """The 503 that a request of ``atoms`` atoms would get now, or None if the queue takes it."""
+        if self.closing:
+            return self._shed("shutting_down", f"model {self.label} is shutting down or being replaced; retry")
+        if not self._jobs:
+            return None
+        queued = self._queued_atoms()
+        if len(self._jobs) >= (self.max_queue_requests or math.inf):
+            why = f"{len(self._jobs)} requests queued, max_queue_requests = {self.max_queue_requests}"
+        elif queued + atoms > (self.max_queue_atoms or math.inf):
+            why = f"{queued} atoms queued + {atoms} > max_queue_atoms = {self.max_queue_atoms}"
+        else:
+            return None
+        return self._shed("queue_full", f"model {self.label} is overloaded ({why}); retry after the "
+                          "Retry-After seconds", queued + atoms)
+
+    def _shed(self, reason: str, message: str, atoms: int = 0) -> ServiceError:
+        if self.metrics is not None:
+            self.metrics.shed.labels(self.label, reason).inc()
+        wait = atoms / self._atoms_per_s if self._atoms_per_s > 0 else 1.0
+        retry_after = min(max(math.ceil(wait), 1), 60)
+        return ServiceError(503, message, headers={"Retry-After": str(retry_after)})
+
+    async def submit(self, frames: list[Frame], atomic_energies: bool = False, admitted: bool = False) -> list[dict]:
+        """Queue frames for the next model call; returns predict()'s result dicts for them, in order.
+        Raises ServiceError 503 when the queue is full (unless ``admitted``: the caller checked
+        :meth:`admission` just before, on the event loop, so nothing can have changed). If the awaiting task
+        is cancelled (deadline, client gone) the job leaves the queue."""
+        atoms = sum(len(f.types) for f in frames)
+        if not admitted or self.closing:
+            refusal = self.admission(atoms)
+            if refusal is not None:
+                raise refusal
         fut = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(frames, atomic_energies, fut, sum(len(f.types) for f in frames)))
+        job = _Job(frames, atomic_energies, fut, atoms)
+        self._jobs.append(job)
         self._gauge()
         self._wake.set()
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            try:
+                self._jobs.remove(job)
+            except ValueError:
+                pass  # already taken into a model call: its result will be dropped
+            self._gauge()
+            raise
 
     def _gauge(self) -> None:
         if self.metrics is not None:
@@ -124,7 +205,11 @@ class Batcher:
             if not self._jobs:
                 self._wake.clear()
             if batch:
-                await self._run(batch)
+                self._current = batch
+                try:
+                    await self._run(batch)
+                finally:
+                    self._current = []
 
     async def _run(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -159,8 +244,11 @@ class Batcher:
         t0 = time.perf_counter()
         results = predict_frames(self.model, frames, atomic_energies=atomic_energies, chunk_atoms=self.chunk_atoms)
         dt = time.perf_counter() - t0
+        atoms = sum(len(f.types) for f in frames)
+        if dt > 0:
+            rate = atoms / dt
+            self._atoms_per_s = rate if self._atoms_per_s == 0 else 0.8 * self._atoms_per_s + 0.2 * rate
         if self.metrics is not None:
-            atoms = sum(len(f.types) for f in frames)
             m, lab = self.metrics, self.label
             m.batch_frames.labels(lab).observe(len(frames))
             m.batch_atoms.labels(lab).observe(atoms)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from ase.data import chemical_symbols
 
 from app.physics.descriptors import LocFrame, make_descriptor
 from app.physics.forces import accumulate_forces_virial
@@ -136,16 +137,31 @@ class DeepPotModel:
             session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises several exception types for a bad graph
             raise ModelLoadError(f"{onnx_path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from e
-        names_in = {i.name for i in session.get_inputs()}
         names_out = {o.name for o in session.get_outputs()}
         io = manifest["onnx"]
+        graph_inputs = {i.name: i.shape for i in session.get_inputs()}
         for e in manifest["type_map"]:
-            if io["inputs"][e] not in names_in:
+            if io["inputs"][e] not in graph_inputs:
                 raise ModelLoadError(f"{onnx_path}: graph has no input {io['inputs'][e]!r} named by the manifest")
             for k in ("energy", "grad"):
                 if io["outputs"][e][k] not in names_out:
                     raise ModelLoadError(f"{onnx_path}: graph has no output {io['outputs'][e][k]!r}")
-        return cls(directory, manifest, session, providers)
+        extra = sorted(set(graph_inputs) - {io["inputs"][e] for e in manifest["type_map"]})
+        if extra:
+            raise ModelLoadError(
+                f"{onnx_path}: the graph has {len(graph_inputs)} element inputs but the manifest's type_map "
+                f"{manifest['type_map']} names {len(manifest['type_map'])}; inputs {extra} belong to no element: "
+                "the manifest is not the one of this graph")
+        model = cls(directory, manifest, session, providers)
+        tail = model._input_shape_tail()
+        for e, name in zip(model.type_map, model.input_names, strict=True):
+            shape = graph_inputs[name]
+            fixed = list(shape[1:])
+            if len(fixed) != len(tail) or any(isinstance(d, int) and d != t for d, t in zip(fixed, tail, strict=True)):
+                raise ModelLoadError(
+                    f"{onnx_path}: graph input {name!r} (element {e}) has shape {shape}, but the manifest's "
+                    f"descriptor gives (n, {', '.join(map(str, tail))}): descriptor parameters and graph disagree")
+        return model
 
     def info(self) -> dict:
         m = self.manifest
@@ -258,6 +274,7 @@ class DeepPotModel:
             accumulate_forces_virial(chunk.slots, chunk.start, j_of_pair, dEdr, res["forces"], res["virial"])
 
 
+_ELEMENTS = frozenset(chemical_symbols[1:])
 _REQUIRED = {
     "format_version": int,
     "name": str,
@@ -279,6 +296,14 @@ def _validate_manifest(m: dict, path: Path) -> None:
             raise ModelLoadError(f"{path}: manifest field {key!r} has the wrong type")
     if m["format_version"] != FORMAT_VERSION:
         raise ModelLoadError(f"{path}: manifest format_version {m['format_version']} is not supported (expected {FORMAT_VERSION})")
+    if len(set(m["type_map"])) != len(m["type_map"]) or not m["type_map"]:
+        raise ModelLoadError(f"{path}: type_map {m['type_map']} must list each element once")
+    unknown = [e for e in m["type_map"] if e not in _ELEMENTS]
+    if unknown:
+        raise ModelLoadError(f"{path}: type_map {m['type_map']} has entries that are not element symbols: {unknown}")
+    if set(m["energy_bias"]) != set(m["type_map"]):
+        raise ModelLoadError(f"{path}: energy_bias is for elements {sorted(m['energy_bias'])}, but type_map is "
+                             f"{m['type_map']}: the manifest contradicts itself")
     if m["descriptor"].get("type") not in ("loc_frame", "se_e2_a"):
         raise ModelLoadError(f"{path}: descriptor type must be 'loc_frame' or 'se_e2_a'")
     for e in m["type_map"]:

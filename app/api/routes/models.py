@@ -8,7 +8,7 @@ from app.api.deps import RegistryDep
 from app.core.errors import ServiceError
 from app.inference.model import DeepPotModel
 from app.inference.registry import ModelRegistry
-from app.schemas import ErrorResponse, ModelInfo, ModelsResponse, RefusedModel
+from app.schemas import EnsembleInfo, ErrorResponse, ModelInfo, ModelsResponse, RefusedModel
 
 router = APIRouter(tags=["models"])
 
@@ -18,12 +18,13 @@ def _info(registry: ModelRegistry, model: DeepPotModel) -> ModelInfo:
                      providers=list(model.providers))
 
 
-@router.get("/models", response_model=ModelsResponse, summary="Loaded models (and refused ones)")
+@router.get("/models", response_model=ModelsResponse, summary="Loaded models, ensembles (and refused ones)")
 async def list_models(registry: RegistryDep) -> ModelsResponse:
     default = registry.default
     return ModelsResponse(
         models=[_info(registry, m) for m in registry.all()],
         default_model=f"{default.name}/{default.version}" if default else None,
+        ensembles=[EnsembleInfo(**e.info()) for _, e in sorted(registry.ensembles.items())],
         refused=[RefusedModel(path=r.path, reason=r.reason) for r in registry.refused],
     )
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
-from app.api.deps import ServiceDep, SettingsDep
+from app.api.deps import ServiceDep, SettingsDep, require_api_key
 from app.codec import MSGPACK, is_msgpack
 from app.core.errors import ServiceError
 from app.schemas import ErrorResponse, PredictResponse, predict_examples
@@ -30,11 +30,15 @@ def _request_body() -> dict:
 
 _ERRORS = {
     400: {"model": ErrorResponse, "description": "malformed JSON or msgpack body"},
+    401: {"model": ErrorResponse, "description": "API keys are on (DPSERVE_API_KEYS) and the request has none"},
+    403: {"model": ErrorResponse, "description": "wrong API key"},
     404: {"model": ErrorResponse, "description": "unknown model (the message lists the available ones)"},
     413: {"model": ErrorResponse, "description": "body, frame or atom count beyond the configured limits"},
     415: {"model": ErrorResponse, "description": "Content-Type neither JSON nor msgpack"},
     422: {"model": ErrorResponse, "description": "invalid content; each message names the field and the allowed values"},
-    503: {"model": ErrorResponse, "description": "no model loaded"},
+    503: {"model": ErrorResponse, "description": "overloaded: the model's queue is full (the Retry-After header "
+          "says when to retry); shutting down; or no model loaded"},
+    504: {"model": ErrorResponse, "description": "not finished within request_timeout_s"},
 }
 
 
@@ -61,11 +65,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     responses={200: {"model": PredictResponse, "content": {MSGPACK: {}},
                      "description": "one result per frame; msgpack when the Accept header asks for it"}, **_ERRORS},
     openapi_extra={"requestBody": _request_body()},
+    dependencies=[Depends(require_api_key)],
 )
 async def predict(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     """Evaluate frames with a model: energy (eV), forces (N, 3) eV/A, virial (3, 3) eV by default; stress
     (6,) eV/A^3 for periodic 3D cells and atomic_energies (N,) eV on request. Concurrent requests are
-    batched into one model call; results do not depend on it."""
+    batched into one model call; results do not depend on it. ``model`` may name an ensemble: then the
+    members' mean and their model deviation (DP-GEN's) come back."""
     body = await read_body(request, settings.max_body_bytes)
     content, media_type = await service.predict(body, request.headers.get("content-type"),
                                                 is_msgpack(request.headers.get("accept")))
