@@ -51,6 +51,7 @@ def export_checkpoint(
     check_frames: int = 8,
     metrics: dict | None = None,
     overwrite: bool = False,
+    validation_metrics: bool = True,
     log=print,
 ) -> Path:
     if precision not in ("float32", "float64"):
@@ -118,6 +119,8 @@ def export_checkpoint(
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
         check = self_check(tmp, ckpt, check_frames, log=log)
         manifest["export_check"] = check
+        if validation_metrics:
+            manifest["metrics"] = {**manifest["metrics"], "validation": _validation_metrics(tmp, ckpt, log=log)}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
         run_dir = checkpoint.parent
         for extra in ("lcurve.csv", "lcurve.png", "parity.png"):
@@ -141,6 +144,20 @@ def _normalisation(net, kind, type_map):
         s = net.std[t]
         out[e] = {type_map[tt]: [float(s[net.bounds[tt], 0]), float(s[net.bounds[tt], 1])] for tt in range(len(type_map))}
     return {"std_s_and_xyz": out}
+
+
+def _validation_metrics(model_dir: Path, ckpt: dict, log=print) -> dict:
+    """dp-test figures of the exported model (as served) on the frames held out during training."""
+    from training.evaluate import evaluate_model
+
+    cfg = config_from_dict(ckpt["config"])
+    systems, _ = load_systems(cfg.data.systems, ckpt["type_map"])
+    model = DeepPotModel.load(model_dir, device="cpu")
+    rep = evaluate_model(model, systems, only_val=True)
+    t = rep["total"]
+    log(f"validation ({t['frames']} held-out frames): energy RMSE {t['energy_rmse_per_atom'] * 1000:.3f} meV/atom, "
+        f"force RMSE {t['force_rmse']:.4f} eV/A")
+    return t
 
 
 def self_check(model_dir: Path, ckpt: dict, nframes: int, log=print) -> dict:

@@ -40,6 +40,8 @@ def test_export_check_onnx_matches_torch(tiny_store, name):
     assert chk["frames"] >= 1
     assert chk["max_energy_diff_per_atom_eV"] < 1e-10
     assert chk["max_force_diff_eV_per_A"] < 1e-9
+    val = m["metrics"]["validation"]  # dp-test figures on the held-out frames, as served
+    assert val["frames"] >= 1 and val["force_rmse"] > 0
 
 
 @pytest.mark.parametrize("name", MODELS)
