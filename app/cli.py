@@ -6,13 +6,24 @@ import argparse
 import sys
 
 
+def _exit_cleanly(signum, frame):
+    raise SystemExit(0)
+
+
 def _serve(args) -> int:
     import os
+    import signal
 
     import uvicorn
 
     if args.store:
         os.environ["DPSERVE_MODEL_STORE"] = args.store
+    # On SIGTERM or SIGINT uvicorn shuts down gracefully (stops accepting connections, lets in-flight requests
+    # finish, runs the lifespan shutdown that drains the batchers), then raises the signal again with the
+    # handler that was in place before it started. This one turns that into exit status 0; SIGHUP reloads
+    # the model store (installed by the app). Plain `uvicorn app.main:app` exits by the signal instead (143).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
     return 0
 
