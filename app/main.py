@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         registry = ModelRegistry.from_store(settings.model_store, device=settings.device,
-                                            intra_op_threads=settings.intra_op_threads,
+                                            intra_op_threads=settings.intra_op_threads, cpu_arena=settings.cpu_arena,
                                             default_model=settings.default_model, ensembles=settings.ensembles)
         metrics.models_loaded.set(len(registry.all()))
         metrics.models_refused.set(len(registry.refused))

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime device: auto (CUDA when a GPU is visible), cpu or cuda")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model (0: all cores)")
+    cpu_arena: bool = Field(
+        False, description="onnxruntime's CPU memory arena: keeps the largest buffers ever needed (memory climbs "
+        "to the high-water mark of the biggest batch and stays); off: buffers are freed after each run")
 
     # -- batching ----------------------------------------------------------------------------------------
     batch_wait_ms: float = Field(

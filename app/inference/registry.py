@@ -54,7 +54,7 @@ class ModelRegistry:
     ensembles: dict[str, Ensemble] = field(default_factory=dict)
 
     @classmethod
-    def from_store(cls, store, device: str = "auto", intra_op_threads: int = 0,
+    def from_store(cls, store, device: str = "auto", intra_op_threads: int = 0, cpu_arena: bool = False,
                    default_model: str | None = None, ensembles: dict[str, list[str]] | None = None,
                    previous: ModelRegistry | None = None) -> ModelRegistry:
         """Load and verify every model directory of ``store`` (reusing unchanged models of ``previous``)."""
@@ -70,7 +70,8 @@ class ModelRegistry:
                 model = _reuse(previous, directory, name, version)
                 reused = model is not None
                 if model is None:
-                    model = DeepPotModel.load(directory, device=device, intra_op_threads=intra_op_threads)
+                    model = DeepPotModel.load(directory, device=device, intra_op_threads=intra_op_threads,
+                                              cpu_arena=cpu_arena)
                 if (model.name, model.version) != (name, version):
                     raise ModelLoadError(f"{directory}: manifest says {model.name}/{model.version}, but the directory "
                                          f"is {name}/{version}: refusing an ambiguous model")

@@ -107,6 +107,7 @@ class PredictionService:
             try:
                 registry = await run_in_threadpool(
                     ModelRegistry.from_store, s.model_store, device=s.device, intra_op_threads=s.intra_op_threads,
+                    cpu_arena=s.cpu_arena,
                     default_model=s.default_model, ensembles=s.ensembles, previous=old.registry)
             except Exception:
                 if self.metrics is not None:

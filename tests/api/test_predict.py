@@ -176,3 +176,14 @@ def test_model_by_name_and_version_and_default(client):
     assert r.json()["model"] == {"name": SE, "version": "1"}
     r = post(client, {"frames": [WATER_MOLECULE]})  # default: no water-se here, so the first by name
     assert r.json()["model"] == {"name": LOCFRAME, "version": "1"}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_repeated_requests_give_bit_identical_numbers(client, model):
+    """Determinism: the same request again gives the very same bits (no run-to-run noise from threads or
+    batching order); with other frames around it, the frame's numbers stay within 1e-9 relative (above)."""
+    frames = [water_box(), water_cluster(3)]
+    first = predict(client, frames, model, ["energy", "forces", "virial", "atomic_energies"])
+    for _ in range(2):
+        again = predict(client, frames, model, ["energy", "forces", "virial", "atomic_energies"])
+        assert again == first
