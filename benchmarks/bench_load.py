@@ -306,6 +306,10 @@ def summarise(tally: Tally, health, health_failures, elapsed, samples, res: dict
 
 def markdown(res: dict) -> str:
     r, m = res["requests"], res["rss_mb"]
+    shed = (f"Sheds (503) answered in p50 {res['shed']['p50_ms']:.1f} ms, p99 {res['shed']['p99_ms']:.1f} ms."
+            if res["shed"]["count"] else "No request was shed.")
+    short = ("; a run this short shows the ramp-up to the working set, not a trend: run without --quick to judge "
+             "a leak" if res["seconds"] < 30 else "")
     out = [f"# Load test ({'quick' if res['quick'] else 'full'}): {res['clients']} clients, {res['seconds']:.0f} s",
            "",
            f"{res['machine']['cpus']} CPUs, load average at start {res['machine']['loadavg']}; models "
@@ -321,15 +325,15 @@ def markdown(res: dict) -> str:
     a = res["all_200"]
     out += [f"| **all** | **{r['200']}** | **{r['503']}** | **{r['other']}** | **{r['wrong']}** | {a['p50_ms']:.1f} | "
             f"{a['p99_ms']:.1f} |", "",
-            f"Throughput: {a['per_second']:.1f} answers/s, {a['atoms_per_second']:.0f} atoms/s. Sheds answered in "
-            f"p50 {res['shed']['p50_ms']:.1f} ms. Largest deviation from the in-process reference: energy "
+            f"Throughput: {a['per_second']:.1f} answers/s, {a['atoms_per_second']:.0f} atoms/s. {shed} "
+            f"Largest deviation from the in-process reference: energy "
             f"{res['max_energy_rel_error']:.1e} relative, forces {res['max_force_rel_error']:.1e} of the largest force.",
             "",
             f"GET /health during the load: {res['health']['probes']} probes, {res['health']['failures']} failures, "
             f"p50 {res['health']['p50_ms']:.1f} ms, max {res['health']['max_ms']:.1f} ms.", "",
             f"Server RSS: {m['start']:.0f} MB at the start, peak {m['peak']:.0f} MB, {m['end']:.0f} MB at the end; "
             f"slope over the last two thirds {m['slope_mb_per_min_last_two_thirds']:+.1f} MB/min "
-            f"({len(m['samples'])} samples, every 0.5 s).", ""]
+            f"({len(m['samples'])} samples, every 0.5 s){short}.", ""]
     if res["errors_sample"]:
         out += ["Errors (first ones):", ""] + [f"* {e}" for e in res["errors_sample"]] + [""]
     return "\n".join(out)
