@@ -1,7 +1,9 @@
 """Per-atom neighbour slots: the padded, sorted neighbour table both descriptors are built on.
 
 For every centre atom i the neighbours within the cutoff are sorted by element, then distance, then
-neighbour index (ties), and placed into ``nslot = sum(sel)`` slots: element t owns the slots
+neighbour index (ties), then the components x, y, z of the pair vector (two images of one atom at the same
+distance, as an atom's own images +S and -S in a small cell), so that the order never depends on the
+neighbour list's internal order, and placed into ``nslot = sum(sel)`` slots: element t owns the slots
 ``offset[t] .. offset[t] + sel[t]``, nearest first. Empty slots are marked ``-1`` in ``pair`` and have
 zero vectors. Neighbours beyond ``sel[t]`` are dropped and counted in ``n_dropped`` so callers can warn.
 """
@@ -95,10 +97,12 @@ def build_slots(
         tie = (head[:, 1:] == head[:, :-1]) & np.isfinite(head[:, 1:])
         rows = np.flatnonzero(tie.any(axis=1))
         if len(rows):
-            # exact distance ties (symmetric structures): order them by neighbour index, then list order
-            jpad = np.where(ppad[rows] >= 0, nl.j[np.maximum(ppad[rows], 0)], -1)
-            listed = np.broadcast_to(np.arange(width), jpad.shape)
-            order = np.lexsort((listed, jpad, dpad[rows]), axis=-1)
+            # exact distance ties (symmetric structures): order them by neighbour index, then (two images
+            # of one atom at the same distance) by the pair vector's x, y, z: never by the list's order
+            safe = np.maximum(ppad[rows], 0)
+            jpad = np.where(ppad[rows] >= 0, nl.j[safe], -1)
+            Dpad = np.take(nl.D, safe, axis=0)  # (rows, width, 3); padding sorts last by its inf distance
+            order = np.lexsort((Dpad[..., 2], Dpad[..., 1], Dpad[..., 0], jpad, dpad[rows]), axis=-1)
             psort[rows] = np.take_along_axis(ppad[rows], order, axis=1)
         w = min(width, int(sel[t]))
         pair[:, offset[t] : offset[t] + w] = psort[:, :w]

@@ -76,14 +76,7 @@ def neighbor_list(positions, cell=None, pbc=None, cutoff: float = 6.0) -> Neighb
     if n == 0:
         z = np.zeros(0, dtype=np.int64)
         return NeighborList(z, z, np.zeros((0, 3), np.int64), np.zeros((0, 3)), np.zeros(0))
-    if not pbc.any():
-        box = np.zeros((3, 3))
-        periodic = False
-    else:
-        box = cell
-        periodic = [bool(p) for p in pbc]
-        if not pbc.all():
-            box = _box_for_mixed_pbc(positions, cell, pbc, cutoff)
+    box, periodic = _vesin_geometry(positions, cell, pbc, cutoff)
     # Grouping the pairs by centre ourselves (one stable argsort of i, then np.take) is cheaper than
     # vesin's sorted=True, and the copies we make anyway replace vesin's own (copy=False).
     calc = vesin.NeighborList(cutoff=float(cutoff), full_list=True, sorted=False)
@@ -98,6 +91,14 @@ def neighbor_list(positions, cell=None, pbc=None, cutoff: float = 6.0) -> Neighb
         np.take(D, order, axis=0),
         np.take(d, order),
     )
+
+
+def _vesin_geometry(positions, cell, pbc, cutoff):
+    """vesin's ``box`` and ``periodic`` arguments for checked inputs (see :func:`_check_inputs`)."""
+    if not pbc.any():
+        return np.zeros((3, 3)), False
+    box = cell if pbc.all() else _box_for_mixed_pbc(positions, cell, pbc, cutoff)
+    return box, [bool(p) for p in pbc]
 
 
 _PROBE = 2.0  # Angstrom: smallest cutoff closest_pair asks vesin for
