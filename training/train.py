@@ -141,7 +141,8 @@ class Trainer:
                     xt = x[types == t]
                     if len(xt):
                         mean, std = xt.mean(0), xt.std(0)
-                        std = np.where(std < 1e-4, 1.0, std)
+                        # deepmd-kit-style protection: a rarely filled column must not be blown up by a tiny std
+                        std = np.where(std < 1e-4, 1.0, np.maximum(std, 1e-2))
                         self.net.mean[t] = torch.as_tensor(mean)
                         self.net.std[t] = torch.as_tensor(std)
             else:
