@@ -12,7 +12,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # Ubuntu 24.04's Python 3.12 in a virtual environment (PEP 668 forbids pip into the system Python).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -30,8 +30,12 @@ COPY model_store /models
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin dpserve
 USER dpserve
 
+# numba compiles the physics kernels at the first model load (about 10 s) and caches them; the package
+# directory is not writable by this user, so the cache lives in /tmp. libgomp1 (above) gives numba its
+# OpenMP threading layer (thread-safe: models called from several threads at once).
 ENV DPSERVE_MODEL_STORE=/models \
-    DPSERVE_DEVICE=auto
+    DPSERVE_DEVICE=auto \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 EXPOSE 8000
 
 # Liveness (the readiness endpoint, /ready, is for load balancers: 503 until the models are loaded).

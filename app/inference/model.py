@@ -12,6 +12,10 @@ The per-element energy bias is added here in float64 and the total is summed in 
 100k-atom total keeps meV precision even with a float32 graph. Forces and virial follow from g by the
 descriptor's vector-Jacobian product (:mod:`app.physics`), so forces are exactly -dE/dr of the returned
 energy up to floating point.
+
+The physics runs on the backend chosen by ``DPSERVE_PHYSICS_BACKEND`` (:mod:`app.physics.backend`): the
+numba kernels of :mod:`app.physics.kernels` by default, or the numpy reference. A model's
+``physics_backend`` attribute can override it (tests compare the two).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from ase.data import chemical_symbols
 
+from app.physics import backend
 from app.physics.descriptors import LocFrame, make_descriptor
 from app.physics.forces import accumulate_forces_virial
 from app.physics.neighbors import neighbor_list
@@ -104,6 +109,7 @@ class DeepPotModel:
         self.energy_names = [io["outputs"][e]["energy"] for e in self.type_map]
         self.grad_names = [io["outputs"][e]["grad"] for e in self.type_map]
         self.dtype = np.float32 if io.get("precision", "float32") == "float32" else np.float64
+        self.physics_backend: str = backend.BACKEND
 
     # -- loading ----------------------------------------------------------------------------------------
     @classmethod
@@ -159,6 +165,14 @@ class DeepPotModel:
                 f"{manifest['type_map']} names {len(manifest['type_map'])}; inputs {extra} belong to no element: "
                 "the manifest is not the one of this graph")
         model = cls(directory, manifest, session, providers)
+        if model.physics_backend == "numba":
+            try:
+                from app.physics import kernels
+
+                kernels.warmup()  # compile or load the kernels now, not on the first request
+            except Exception:  # a broken numba install must not take the model down: numpy serves it
+                log.exception("%s: numba kernels failed to compile; serving with the numpy physics", directory)
+                model.physics_backend = "numpy"
         tail = model._input_shape_tail()
         for e, name in zip(model.type_map, model.input_names, strict=True):
             shape = graph_inputs[name]
@@ -199,8 +213,9 @@ class DeepPotModel:
         d = self.descriptor
         return (d.dim,) if isinstance(d, LocFrame) else (d.nslot, 4)
 
-    def run_network(self, xs: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """One onnxruntime run: per element inputs -> (atomic energies, gradients), float64."""
+    def run_network(self, xs: list[np.ndarray], raw: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """One onnxruntime run: per element inputs -> (atomic energies, gradients), float64 (``raw``: in the
+        graph's precision, for callers that cast while copying them anyway)."""
         feeds = {}
         tail = self._input_shape_tail()
         counts = []
@@ -212,8 +227,9 @@ class DeepPotModel:
             feeds[name] = np.ascontiguousarray(x, dtype=self.dtype)
         outs = self.session.run(self.energy_names + self.grad_names, feeds)
         nt = len(self.type_map)
-        e = [np.asarray(o, dtype=np.float64).reshape(-1)[:c] for o, c in zip(outs[:nt], counts, strict=True)]
-        g = [np.asarray(o, dtype=np.float64)[:c] for o, c in zip(outs[nt:], counts, strict=True)]
+        cast = (lambda o: np.asarray(o)) if raw else (lambda o: np.asarray(o, dtype=np.float64))
+        e = [cast(o).reshape(-1)[:c] for o, c in zip(outs[:nt], counts, strict=True)]
+        g = [cast(o)[:c] for o, c in zip(outs[nt:], counts, strict=True)]
         return e, g
 
     def predict(
@@ -236,17 +252,25 @@ class DeepPotModel:
         ]
         pending: list[tuple[int, object, np.ndarray, np.ndarray]] = []
         pending_atoms = 0
+        fast = self.physics_backend == "numba"
+        if fast:
+            from app.physics import kernels
         for fi, f in enumerate(frames):
             types = np.asarray(f.types, dtype=np.int64)
-            nl = neighbor_list(f.positions, f.cell, f.pbc, self.rcut)
-            for chunk in self.descriptor.chunks(nl, types, chunk_atoms):
-                pending.append((fi, chunk, types[chunk.start : chunk.stop], nl.j))
+            if fast:
+                pairs = kernels.pair_list(f.positions, f.cell, f.pbc, self.rcut)
+                chunks, j_of_pair = kernels.chunks(self.descriptor, pairs, types, chunk_atoms), None
+            else:
+                nl = neighbor_list(f.positions, f.cell, f.pbc, self.rcut)
+                chunks, j_of_pair = self.descriptor.chunks(nl, types, chunk_atoms), nl.j
+            for chunk in chunks:
+                pending.append((fi, chunk, types[chunk.start : chunk.stop], j_of_pair))
                 pending_atoms += chunk.stop - chunk.start
                 if pending_atoms >= chunk_atoms:
-                    self._flush(pending, results)
+                    self._flush(pending, results, fast)
                     pending, pending_atoms = [], 0
         if pending:
-            self._flush(pending, results)
+            self._flush(pending, results, fast)
         for f, res in zip(frames, results, strict=True):
             res["atomic_energies"] += self.energy_bias[np.asarray(f.types, dtype=np.int64)]
             res["energy"] = float(np.sum(res["atomic_energies"], dtype=np.float64))
@@ -254,30 +278,56 @@ class DeepPotModel:
                 del res["atomic_energies"]
         return results
 
-    def _flush(self, pending, results) -> None:
+    def _flush(self, pending, results, fast: bool) -> None:
+        """One network run for the pending chunks, then forces and virials (``fast``: numba chunks)."""
         nt = len(self.type_map)
-        xs_all = [self._inputs(chunk) for _, chunk, _, _ in pending]
-        ctypes = [ct for _, _, ct, _ in pending]
+        if fast:
+            from app.physics import kernels
+        xs_all = [chunk.x if fast else self._inputs(chunk) for _, chunk, _, _ in pending]
+        # the rows of each chunk per element: a slice where they are contiguous (atoms listed by element)
+        rows = [[_rows(ct == t) for t in range(nt)] for _, _, ct, _ in pending]
+        tail = self._input_shape_tail()
         xs = []
-        for t in range(nt):
-            parts = [x[ct == t] for x, ct in zip(xs_all, ctypes, strict=True)]
-            xs.append(np.concatenate(parts) if parts else None)
-        e, g = self.run_network(xs)
+        for t in range(nt):  # each element's input, cast to the graph's precision in the one copy made
+            k = [_count(r[t]) for r in rows]
+            buf = np.empty((sum(k), *tail), dtype=self.dtype)
+            pos = 0
+            for x, r, kk in zip(xs_all, rows, k, strict=True):
+                buf[pos : pos + kk] = x[r[t]]
+                pos += kk
+            xs.append(buf)
+        e, g = self.run_network(xs, raw=True)
         pos = [0] * nt
-        for (fi, chunk, ct, j_of_pair), x in zip(pending, xs_all, strict=True):
-            n = len(ct)
-            e_chunk = np.zeros(n)
-            g_chunk = np.zeros_like(x, dtype=np.float64)
-            for t in range(nt):
-                idx = np.flatnonzero(ct == t)
-                e_chunk[idx] = e[t][pos[t] : pos[t] + len(idx)]
-                g_chunk[idx] = g[t][pos[t] : pos[t] + len(idx)]
-                pos[t] += len(idx)
+        for (fi, chunk, _, j_of_pair), x, r in zip(pending, xs_all, rows, strict=True):
             res = results[fi]
-            res["atomic_energies"][chunk.start : chunk.stop] = e_chunk
+            e_chunk = res["atomic_energies"][chunk.start : chunk.stop]
+            g_chunk = np.empty(x.shape)  # every row belongs to one element: all are filled below
+            for t in range(nt):
+                kk = _count(r[t])
+                e_chunk[r[t]] = e[t][pos[t] : pos[t] + kk]
+                g_chunk[r[t]] = g[t][pos[t] : pos[t] + kk]
+                pos[t] += kk
+            if fast:  # the VJP fused with the force and virial assembly
+                res["n_dropped"] += int(chunk.n_dropped.sum())
+                kernels.vjp_assemble(chunk, g_chunk, res["forces"], res["virial"])
+                continue
             res["n_dropped"] += int(chunk.slots.n_dropped.sum())
             dEdr = self.descriptor.vjp(chunk, self._grad_to_env(g_chunk))
             accumulate_forces_virial(chunk.slots, chunk.start, j_of_pair, dEdr, res["forces"], res["virial"])
+
+
+def _rows(mask: np.ndarray) -> slice | np.ndarray:
+    """The True positions of ``mask``: a slice when they are contiguous (a view, no copy), else indices."""
+    idx = np.flatnonzero(mask)
+    if len(idx) == 0:
+        return slice(0, 0)
+    if idx[-1] - idx[0] + 1 == len(idx):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+def _count(rows: slice | np.ndarray) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
 
 
 _ELEMENTS = frozenset(chemical_symbols[1:])

@@ -756,9 +756,11 @@ class FastChunk:
 def compute(desc, pairs: PairList, types, centers: slice | None = None) -> FastChunk:
     """The fast counterpart of ``desc.compute(nl, types, centers)``."""
     lay = _layout(desc)
-    types = np.ascontiguousarray(types, dtype=np.int64)
+    types = _check_types(types, pairs, len(lay.sel))
     c = centers or slice(0, len(types))
     c0, c1 = int(c.start), int(c.stop)
+    if not 0 <= c0 <= c1 <= len(types):
+        raise IndexError(f"centre atoms {c0}..{c1} outside 0..{len(types)}")
     n, nslot = c1 - c0, int(lay.sel.sum())
     # outputs allocated by numpy (which asks for transparent huge pages: far fewer page faults)
     pair = np.empty((n, nslot), np.int64)
@@ -775,8 +777,19 @@ def compute(desc, pairs: PairList, types, centers: slice | None = None) -> FastC
     return FastChunk(c0, c1, pairs, pair, ndrop, env, None, desc)
 
 
+def _check_types(types, pairs: PairList, ntypes: int) -> np.ndarray:
+    """types as int64, checked (the kernels do not check bounds: a bad index would crash, not raise)."""
+    types = np.ascontiguousarray(types, dtype=np.int64)
+    if types.shape != (pairs.natoms,):
+        raise ValueError(f"types has shape {types.shape}, the pair list is for {pairs.natoms} atoms")
+    if len(types) and (types.min() < 0 or types.max() >= ntypes):
+        raise IndexError(f"element indices must lie in 0..{ntypes - 1}, got {types.min()}..{types.max()}")
+    return types
+
+
 def chunks(desc, pairs: PairList, types, chunk_size: int | None = None):
     """Yield :class:`FastChunk` for blocks of at most ``chunk_size`` centre atoms (as ``desc.chunks``)."""
+    types = _check_types(types, pairs, len(_layout(desc).sel))
     n = len(types)
     step = n if not chunk_size else int(chunk_size)
     for s in range(0, n, max(step, 1)):
@@ -795,6 +808,8 @@ def vjp_assemble(chunk: FastChunk, g: np.ndarray, forces: np.ndarray, virial: np
     n = chunk.stop - chunk.start
     if forces.dtype != np.float64 or not forces.flags.c_contiguous or forces.shape[1:] != (3,):
         raise ValueError("forces must be a C-contiguous float64 (N, 3) array")
+    if forces.shape[0] != chunk.pairs.natoms:
+        raise ValueError(f"forces has {forces.shape[0]} rows, the frame {chunk.pairs.natoms} atoms")
     if virial.dtype != np.float64 or not virial.flags.c_contiguous or virial.shape != (3, 3):
         raise ValueError("virial must be a C-contiguous float64 (3, 3) array")
     g = np.ascontiguousarray(g, dtype=np.float64)

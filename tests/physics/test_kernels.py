@@ -196,6 +196,16 @@ def test_forces_accumulate_into_given_arrays():
         kernels.vjp_assemble(ch, g[:-1], f1, v1)
 
 
+def test_bad_element_index_raises_instead_of_crashing():
+    positions = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0]])
+    pairs = kernels.pair_list(positions, None, None, 4.0)
+    for types in (np.array([0, 2]), np.array([-1, 0])):
+        with pytest.raises(IndexError, match="element indices"):
+            list(kernels.chunks(SeA(4.0, 0.5, [2, 2]), pairs, types))
+    with pytest.raises(ValueError, match="pair list is for 2 atoms"):
+        kernels.compute(SeA(4.0, 0.5, [2, 2]), pairs, np.array([0, 1, 1]))
+
+
 def test_empty_frame_and_no_pairs():
     pairs = kernels.pair_list(np.zeros((0, 3)), None, None, 3.0)
     assert len(pairs) == 0 and pairs.natoms == 0
