@@ -29,24 +29,32 @@ request does not pay for it.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from functools import cached_property
 
-import numba
-import numpy as np
-import vesin
-from numba import njit, prange
+# numba's OpenMP threads wait passively (sleep) between kernels instead of spinning: the service shares
+# the cores with onnxruntime and the event loop, and on a busy machine a spinning wait for a descheduled
+# partner thread cost ~5 ms per kernel call (192 atoms: 40 us/atom instead of 2). Read by libgomp when
+# numba first loads it; a value set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .descriptors import LocFrame, SeA
-from .environment import Slots
-from .neighbors import _check_inputs, _vesin_geometry
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import vesin  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+from .descriptors import LocFrame, SeA  # noqa: E402
+from .environment import Slots  # noqa: E402
+from .neighbors import _check_inputs, _vesin_geometry  # noqa: E402
 
 __all__ = ["PairList", "FastChunk", "pair_list", "compute", "chunks", "vjp_assemble", "warmup"]
 
 _COLLINEAR_TOL = 1e-6  # the same as app.physics.descriptors
 _BLOCK = 32  # centre atoms per parallel work item of the environment kernels
 _FORCE_BUFFER_BYTES = 1 << 28  # at most this much memory for per-thread force buffers (then fewer threads)
+_PARALLEL_MIN = 1024  # centre atoms: fewer run on the calling thread alone (waking threads costs more)
 _JIT = dict(cache=True, nogil=True, fastmath=False)
 
 
@@ -125,11 +133,11 @@ def pair_list(positions, cell=None, pbc=None, cutoff: float = 6.0) -> PairList:
 
 
 @njit(**_JIT)
-def _after(j1, p1, j2, p2, Ds):
-    """At equal distance, pair p1 (neighbour j1) sorts after pair p2 (neighbour j2): by neighbour index,
-    then by the pair vector's x, y, z (two images of one atom)."""
-    if j1 != j2:
-        return j1 > j2
+def _after(p1, p2, js, Ds):
+    """At equal distance, pair p1 sorts after pair p2: by neighbour index, then by the pair vector's
+    x, y, z (two images of one atom)."""
+    if js[p1] != js[p2]:
+        return js[p1] > js[p2]
     for e in range(3):
         if Ds[p1, e] != Ds[p2, e]:
             return Ds[p1, e] > Ds[p2, e]
@@ -141,35 +149,38 @@ def _select(a, start, js, Ds, types, sel, offset, inv_rc3, row, rrow, scratch, i
     """Slots of centre ``a``: ``row`` (nslot,) pair index or -1, ``rrow`` (nslot,) distance (set where
     filled); returns how many neighbours were dropped.
 
-    Sort key (element, d, j, D_x, D_y, D_z), as :func:`app.physics.environment.build_slots`. A bucket sort, by element and then by (d/rcut)^3
-    in as many buckets as the element has neighbours here (about one per bucket at uniform density), then
-    an insertion sort by the full key per element that only has to order the few pairs sharing a bucket.
-    ``scratch`` (2, maxdeg) and ``iscratch`` (4, maxdeg + 1) are work space, ``cnt``, ``seg`` (ntypes,).
+    Sort key (element, d, j, D_x, D_y, D_z), as :func:`app.physics.environment.build_slots`. A bucket sort
+    by element and then by (d/rcut)^3 in as many buckets as the element has neighbours here (about one
+    per bucket at uniform density), then an insertion sort by the full key per element that only has to
+    order the few pairs sharing a bucket. ``scratch`` (2, maxdeg) and ``iscratch`` (4, maxdeg + 1) are
+    work space, ``cnt``, ``seg`` (ntypes,).
     """
     ntypes = sel.shape[0]
     p0, p1 = start[a], start[a + 1]
     m = p1 - p0
     dtmp, bd = scratch[0], scratch[1]
-    bk, hist, bj, bp = iscratch[0], iscratch[1], iscratch[2], iscratch[3]
+    bk, hist, tt, bp = iscratch[0], iscratch[1], iscratch[2], iscratch[3]
     for t in range(ntypes):
         cnt[t] = 0
-    for p in range(p0, p1):
-        cnt[types[js[p]]] += 1
+    for q in range(m):  # element and distance of each pair
+        p = p0 + q
+        t = types[js[p]]
+        tt[q] = t
+        cnt[t] += 1
+        dx, dy, dz = Ds[p, 0], Ds[p, 1], Ds[p, 2]
+        dtmp[q] = np.sqrt(dx * dx + dy * dy + dz * dz)
     s = 0
     for t in range(ntypes):
         seg[t] = s
         s += cnt[t]
     for q in range(m + 1):
         hist[q] = 0
-    for q in range(m):
-        p = p0 + q
-        t = types[js[p]]
-        dx, dy, dz = Ds[p, 0], Ds[p, 1], Ds[p, 2]
-        d = np.sqrt(dx * dx + dy * dy + dz * dz)
+    for q in range(m):  # bucket: element, then (d / rcut)^3 in cnt[t] buckets
+        t = tt[q]
+        d = dtmp[q]
         nb = cnt[t]
         b = int(d * d * d * inv_rc3 * nb)
         b = seg[t] + min(max(b, 0), nb - 1)
-        dtmp[q] = d
         bk[q] = b
         hist[b + 1] += 1
     for q in range(m):
@@ -179,20 +190,17 @@ def _select(a, start, js, Ds, types, sel, offset, inv_rc3, row, rrow, scratch, i
         pos = hist[b]
         hist[b] = pos + 1
         bd[pos] = dtmp[q]
-        bj[pos] = js[p0 + q]
         bp[pos] = p0 + q
     for t in range(ntypes):  # insertion sort by the full key within each element
         lo = seg[t]
         for q0 in range(lo + 1, lo + cnt[t]):
-            d, jj, pp = bd[q0], bj[q0], bp[q0]
+            d, pp = bd[q0], bp[q0]
             q = q0
-            while q > lo and (bd[q - 1] > d or (bd[q - 1] == d and _after(bj[q - 1], bp[q - 1], jj, pp, Ds))):
+            while q > lo and (bd[q - 1] > d or (bd[q - 1] == d and _after(bp[q - 1], pp, js, Ds))):
                 bd[q] = bd[q - 1]
-                bj[q] = bj[q - 1]
                 bp[q] = bp[q - 1]
                 q -= 1
             bd[q] = d
-            bj[q] = jj
             bp[q] = pp
     dropped = 0
     for t in range(ntypes):
@@ -768,12 +776,14 @@ def compute(desc, pairs: PairList, types, centers: slice | None = None) -> FastC
     if isinstance(desc, LocFrame):
         axis = np.empty((n, 2), np.int64)
         x = np.empty((n, lay.dim))
-        _loc_frame_env(pairs.start, pairs.j, pairs.D, types, c0, lay.sel, lay.offset, float(desc.rcut), lay.rule,
-                       lay.is_a, lay.col, pair, ndrop, axis, x)
+        with _lock(), _threads(n):
+            _loc_frame_env(pairs.start, pairs.j, pairs.D, types, c0, lay.sel, lay.offset, float(desc.rcut),
+                           lay.rule, lay.is_a, lay.col, pair, ndrop, axis, x)
         return FastChunk(c0, c1, pairs, pair, ndrop, x, axis, desc)
     env = np.empty((n, nslot, 4))
-    _se_a_env(pairs.start, pairs.j, pairs.D, types, c0, lay.sel, lay.offset, float(desc.rcut_smth), float(desc.rcut),
-              pair, ndrop, env)
+    with _lock(), _threads(n):
+        _se_a_env(pairs.start, pairs.j, pairs.D, types, c0, lay.sel, lay.offset, float(desc.rcut_smth),
+                  float(desc.rcut), pair, ndrop, env)
     return FastChunk(c0, c1, pairs, pair, ndrop, env, None, desc)
 
 
@@ -820,19 +830,39 @@ def vjp_assemble(chunk: FastChunk, g: np.ndarray, forces: np.ndarray, virial: np
         raise ValueError("dEdr must be a C-contiguous (n, nslot, 3) float64 array")
     # one force buffer per thread (the first thread adds into ``forces``), within a memory budget; virials
     # 32 doubles apart (no two threads write one cache line)
-    nthreads = numba.get_num_threads()
+    nthreads = 1 if n < _PARALLEL_MIN else numba.get_num_threads()
     per_buffer = max(1, forces.shape[0] * 3 * 8)
     nblocks = int(max(1, min(nthreads, n, 1 + _FORCE_BUFFER_BYTES // per_buffer)))
     fbuf = np.zeros((nblocks - 1, forces.shape[0], 3))
     vbuf = np.zeros((nblocks, 32))
     p = chunk.pairs
-    with _lock():
+    with _lock(), _threads(n if nblocks > 1 else 0):
         if isinstance(desc, LocFrame):
             _loc_frame_vjp(chunk.pair, chunk.axis, p.j, p.D, chunk.start, g, lay.is_a, lay.col, forces, fbuf, vbuf, out)
         else:
             _se_a_vjp(chunk.pair, p.j, p.D, chunk.start, g, float(desc.rcut_smth), float(desc.rcut), forces, fbuf,
                       vbuf, out)
         _reduce(forces, fbuf, virial, vbuf)
+
+
+class _threads:
+    """Run the kernels of ``n`` centre atoms on the calling thread alone when n < _PARALLEL_MIN
+    (numba's thread count is per calling thread)."""
+
+    def __init__(self, n: int):
+        self.serial = n < _PARALLEL_MIN
+        self.old = 0
+
+    def __enter__(self):
+        if self.serial:
+            self.old = numba.get_num_threads()
+            numba.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.serial:
+            numba.set_num_threads(self.old)
+        return False
 
 
 class _NoLock:

@@ -92,6 +92,19 @@ def test_kernels_equal_reference_on_water_box_in_chunks(kind):
     assert len(chunks) == 4
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernels_in_parallel_equal_reference(kind, monkeypatch):
+    # threads on every call (the default runs fewer than 1024 centre atoms on the calling thread alone)
+    monkeypatch.setattr(kernels, "_PARALLEL_MIN", 1)
+    for name in STRUCTURES:
+        _compare(*_small(kind, name))
+    positions, cell, types = water_frame(0)
+    n = 2
+    positions = (positions[None] + (np.indices((n, n, n)).reshape(3, -1).T @ cell)[:, None]).reshape(-1, 3)
+    desc = water_se_a() if kind == "se_e2_a" else water_loc_frame()
+    _compare(desc, positions, cell * n, np.ones(3, bool), np.tile(types, n**3), chunk_size=1000)
+
+
 def test_small_cell_sees_own_images_in_the_same_order():
     # every atom sees several images of itself at exactly equal distances (+S, -S): ordered by vector
     desc, positions, cell, pbc, types = _small("loc_frame", "small_cell")
