@@ -64,8 +64,8 @@ _JIT = dict(cache=True, nogil=True, fastmath=False)
 
 @dataclass(frozen=True)
 class PairList:
-    """Full neighbour list grouped by centre: the pairs of atom a are ``start[a] .. start[a + 1]``, in
-    vesin's order. ``j`` (P,) neighbour index; ``D`` (P, 3) = r_j + S @ cell - r_a."""
+    """Full neighbour list grouped by centre: the pairs of atom a are ``start[a] .. start[a + 1]`` (in no
+    particular order). ``j`` (P,) neighbour index; ``D`` (P, 3) = r_j + S @ cell - r_a."""
 
     start: np.ndarray
     j: np.ndarray
