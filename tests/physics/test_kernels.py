@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.physics import backend
 from app.physics.descriptors import LocFrame, SeA
 from app.physics.forces import accumulate_forces_virial
 from app.physics.neighbors import neighbor_list
@@ -223,16 +222,3 @@ def test_empty_frame_and_no_pairs():
     pairs = kernels.pair_list(np.zeros((0, 3)), None, None, 3.0)
     assert len(pairs) == 0 and pairs.natoms == 0
     assert list(kernels.chunks(SeA(3.0, 0.5, [2]), pairs, np.zeros(0, np.int64))) == []
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the switch
-
-
-def test_backend_resolution():
-    assert backend.BACKEND in backend.BACKENDS
-    assert backend.resolve("numpy") == "numpy"
-    assert backend.resolve("NUMBA") == "numba"
-    assert backend.resolve("") == "numba"  # numba imports here (this module was not skipped)
-    with pytest.raises(ValueError, match="allowed: 'numba', 'numpy'"):
-        backend.resolve("fortran")
