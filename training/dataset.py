@@ -82,7 +82,6 @@ class Batch:
     J: torch.Tensor  # (P, 4, 3)
     Ja: torch.Tensor | None  # (P, 4, 3)
     Jb: torch.Tensor | None
-    axis_a: torch.Tensor | None  # (Q,) pair receiving the a-axis term, and (Q,) its source pairs' centre...
     c: torch.Tensor  # (P,) global centre atom
     j: torch.Tensor  # (P,) global neighbour atom
     pair_frame: torch.Tensor  # (P,)
@@ -193,7 +192,6 @@ def collate(frames: list[dict], ntypes: int, dtype=torch.float32) -> Batch:
         J=t(np.concatenate([f["J"] for f in frames])),
         Ja=t(np.concatenate([f["Ja"] for f in frames])) if is_loc else None,
         Jb=t(np.concatenate([f["Jb"] for f in frames])) if is_loc else None,
-        axis_a=None,
         c=torch.as_tensor(c),
         j=torch.as_tensor(j),
         pair_frame=torch.as_tensor(pair_frame),

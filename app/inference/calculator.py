@@ -11,15 +11,10 @@ from __future__ import annotations
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
+from app.core.units import stress_voigt
 from app.inference.model import DeepPotModel, Frame
 
-__all__ = ["DeepPotCalculator", "virial_to_stress"]
-
-
-def virial_to_stress(virial: np.ndarray, volume: float) -> np.ndarray:
-    """ASE Voigt stress (xx, yy, zz, yz, xz, xy) = -Xi / V, symmetrised."""
-    s = -0.5 * (virial + virial.T) / volume
-    return np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+__all__ = ["DeepPotCalculator"]
 
 
 class DeepPotCalculator(Calculator):
@@ -44,4 +39,4 @@ class DeepPotCalculator(Calculator):
         self.results["forces"] = r["forces"]
         self.results["energies"] = r["atomic_energies"]
         if pbc.all():
-            self.results["stress"] = virial_to_stress(r["virial"], a.get_volume())
+            self.results["stress"] = stress_voigt(r["virial"], a.cell.array)
