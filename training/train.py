@@ -6,8 +6,10 @@ Loss (deepmd-kit's, per frame of N atoms, averaged over the batch)::
 
 Each prefactor moves from its start to its limit value as the learning rate decays:
 p(t) = p_limit + (p_start - p_limit) lr(t) / lr_start. The learning rate decays exponentially from
-lr_start to lr_stop over the schedule (stairs of decay_steps), the schedule being steps or, with
-time_budget_min, wall-clock time (so a fixed time budget always ends with a fully decayed rate).
+lr_start to lr_stop over the schedule in stairs of decay_steps steps (deepmd-kit's schedule), the schedule being
+steps or, with time_budget_min, wall-clock time (so a fixed time budget always ends with a fully decayed rate).
+With a time budget the number of stairs is fixed after the first 200 steps from the measured step rate
+(expected steps in the budget // decay_steps), so a short budget keeps deepmd-kit's long first stair at lr_start.
 
 Writes to out_dir: checkpoint.pt (with its config; resumable), lcurve.csv, lcurve.png, parity.png.
 """
@@ -114,6 +116,7 @@ class Trainer:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=tc.lr_start)
         self.step = 0
         self.elapsed = 0.0
+        self.nstairs: int | None = None  # time-budget schedule: stairs, fixed from the step rate (see lr)
         self.rows: list[dict] = []
         if resume:
             self._load(resume)
@@ -172,9 +175,14 @@ class Trainer:
     def lr(self) -> float:
         tc = self.cfg.training
         frac = self.progress()
-        if tc.decay_steps and tc.time_budget_min <= 0:
-            nstairs = max(1, tc.steps // tc.decay_steps)
-            frac = math.floor(frac * nstairs) / nstairs
+        if tc.decay_steps:
+            if tc.time_budget_min <= 0:
+                nstairs = max(1, tc.steps // tc.decay_steps)
+            else:
+                if self.nstairs is None and self.step >= 200 and frac > 0:
+                    self.nstairs = max(1, int(self.step / frac) // tc.decay_steps)
+                nstairs = self.nstairs
+            frac = math.floor(frac * nstairs) / nstairs if nstairs else 0.0
         return tc.lr_start * (tc.lr_stop / tc.lr_start) ** frac
 
     def prefactors(self, lr: float):
@@ -315,6 +323,7 @@ class Trainer:
             energy_bias=self.energy_bias.tolist(),
             step=self.step,
             elapsed=self.elapsed,
+            nstairs=self.nstairs,
             rows=self.rows,
             split={system_key(s.name): [tr.tolist(), va.tolist()] for s, (tr, va) in zip(self.systems, self.split, strict=True)},
         )
@@ -331,6 +340,7 @@ class Trainer:
         self.opt.load_state_dict(st["opt_state"])
         self.energy_bias = np.asarray(st["energy_bias"])
         self.step, self.elapsed, self.rows = st["step"], st["elapsed"], st["rows"]
+        self.nstairs = st.get("nstairs")
         self.log(f"resumed from {path} at step {self.step} ({self.elapsed / 60:.1f} min trained)")
 
     def _write_lcurve(self):

@@ -64,3 +64,27 @@ def test_dpserve_test_prints_dp_test_figures(tiny_store, capsys):
     out = capsys.readouterr().out
     for label in ("Energy RMSE", "Energy RMSE/Natoms", "Force  RMSE"):
         assert label in out
+
+
+def test_time_budget_schedule_keeps_deepmd_stairs(tmp_path):
+    """With a time budget the rate falls in stairs of decay_steps (counted from the measured step rate),
+    ending at lr_stop; the stair count survives a resume."""
+    cfg = _tiny_config("loc_frame", tmp_path / "run", steps=10)
+    cfg.training.time_budget_min = 1.0
+    cfg.training.decay_steps = 1000
+    tr = Trainer(cfg, log=lambda *a: None)
+    tc = cfg.training
+    tr.step, tr.elapsed = 50, 1.0
+    assert tr.lr() == tc.lr_start  # stairs not fixed yet: first stair
+    tr.step, tr.elapsed = 400, 6.0  # 400 steps in 6 s of 60: 4000 steps expected -> 4 stairs
+    assert tr.lr() == tc.lr_start
+    assert tr.nstairs == 4
+    tr.elapsed = 14.9
+    assert tr.lr() == tc.lr_start
+    tr.elapsed = 15.1
+    assert np.isclose(tr.lr(), tc.lr_start * (tc.lr_stop / tc.lr_start) ** 0.25)
+    tr.elapsed = 60.0
+    assert np.isclose(tr.lr(), tc.lr_stop)
+    tr.save()
+    tr2 = Trainer(cfg, resume=str(tmp_path / "run" / "checkpoint.pt"), log=lambda *a: None)
+    assert tr2.nstairs == 4
