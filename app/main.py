@@ -35,7 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         registry = ModelRegistry.from_store(settings.model_store, device=settings.device,
                                             intra_op_threads=settings.intra_op_threads, cpu_arena=settings.cpu_arena,
-                                            default_model=settings.default_model, ensembles=settings.ensembles)
+                                            default_model=settings.default_model, ensembles=settings.ensembles,
+                                            **settings.table_options())
         metrics.models_loaded.set(len(registry.all()))
         metrics.models_refused.set(len(registry.refused))
         service = PredictionService(registry, settings, metrics)

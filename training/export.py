@@ -23,7 +23,7 @@ from app.inference.model import FORMAT_VERSION, MANIFEST_NAME, DeepPotModel, Fra
 from training.config import config_from_dict
 from training.data import system_key
 from training.dataset import collate, descriptor_from_config, forward, load_systems, prepare_system_frames
-from training.model import ExportWrapper, build_network
+from training.model import ExportWrapper, FittingExportWrapper, build_network, embedding_arrays
 
 __all__ = ["export_checkpoint", "load_checkpoint_net"]
 
@@ -87,6 +87,9 @@ def export_checkpoint(
                 dynamo=False,
                 opset_version=17,
             )
+        compression = None
+        if ckpt["descriptor"]["type"] == "se_e2_a":
+            compression = _export_compressed(net, tmp, nt, dtype)
         cfg = ckpt["config"]
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -106,6 +109,7 @@ def export_checkpoint(
                 "inputs": {e: inputs[t] for t, e in enumerate(type_map)},
                 "outputs": {e: {"energy": e_out[t], "grad": g_out[t]} for t, e in enumerate(type_map)},
             },
+            **({"compression": compression} if compression else {}),
             "training": {
                 "data": cfg["data"]["systems"],
                 "steps": ckpt["step"],
@@ -133,6 +137,29 @@ def export_checkpoint(
         shutil.copytree(tmp, dest)
     log(f"exported {name}/{version} to {dest}")
     return dest
+
+
+def _export_compressed(net, tmp: Path, nt: int, dtype) -> dict:
+    """se_e2_a: the fitting networks alone (fitting.onnx) and the embedding weights (embedding.npz), from
+    which the server tabulates the embeddings at load time (app.inference.compressed)."""
+    m = net.m1 * net.m2
+    inputs = [f"d{t}" for t in range(nt)]
+    e_out = [f"e{t}" for t in range(nt)]
+    g_out = [f"gd{t}" for t in range(nt)]
+    dyn = {n: {0: f"n{t}"} for t in range(nt) for n in (inputs[t], e_out[t], g_out[t])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(FittingExportWrapper(net), tuple(torch.zeros(2, m, dtype=dtype) + 0.1 for _ in range(nt)),
+                          str(tmp / "fitting.onnx"), input_names=inputs, output_names=e_out + g_out, dynamic_axes=dyn,
+                          dynamo=False, opset_version=17)
+    np.savez(tmp / "embedding.npz", **embedding_arrays(net))
+    type_map_idx = range(nt)
+    return {
+        "fitting": {"file": "fitting.onnx", "sha256": sha256_file(tmp / "fitting.onnx"),
+                    "inputs": [inputs[t] for t in type_map_idx],
+                    "outputs": [{"energy": e_out[t], "grad": g_out[t]} for t in type_map_idx]},
+        "embedding": {"file": "embedding.npz", "sha256": sha256_file(tmp / "embedding.npz")},
+    }
 
 
 def _normalisation(net, kind, type_map):

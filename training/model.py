@@ -176,3 +176,33 @@ class ExportWrapper(nn.Module):
             es.append(e)
             gs.append(g)
         return (*es, *gs)
+
+
+class FittingExportWrapper(nn.Module):
+    """ONNX export of se_e2_a's fitting networks alone (compressed serving, app.inference.compressed):
+    inputs d0..d{nt-1} (n_t, M1*M2) descriptors, outputs e0.., gd0.. (atomic energies, dE/dd)."""
+
+    def __init__(self, net: SeANet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *ds):
+        es, gs = [], []
+        for t, d in enumerate(ds):
+            e, g = self.net.fit[t].energy_and_grad(d)
+            es.append(e)
+            gs.append(g)
+        return (*es, *gs)
+
+
+def embedding_arrays(net: SeANet) -> dict:
+    """The embedding networks and normalisation of an se_e2_a net as plain float64 arrays (embedding.npz)."""
+    out = {"ntypes": net.ntypes, "sel": list(net.sel), "m1": net.m1, "m2": net.m2,
+           "std": net.std.detach().to(torch.float64).numpy()}
+    for tt, mlp in enumerate(net.embed):
+        out[f"embed{tt}_nlayers"] = len(mlp.layers)
+        for li, (lin, kind) in enumerate(zip(mlp.layers, mlp.kinds, strict=True)):
+            out[f"embed{tt}_w{li}"] = lin.weight.detach().to(torch.float64).numpy()
+            out[f"embed{tt}_b{li}"] = lin.bias.detach().to(torch.float64).numpy()
+            out[f"embed{tt}_kind{li}"] = kind
+    return out

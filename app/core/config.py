@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
 
+_TABLE_R_MIN_FLOOR = 0.05  # A: the embedding tables are exact down to max(min_distance, this)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DPSERVE_", env_file=None, extra="ignore", frozen=True)
@@ -35,6 +37,13 @@ class Settings(BaseSettings):
     cpu_arena: bool = Field(
         False, description="onnxruntime's CPU memory arena: keeps the largest buffers ever needed (memory climbs "
         "to the high-water mark of the biggest batch and stays); off: buffers are freed after each run")
+
+    compression: Literal["auto", "on", "off"] = Field(
+        "auto", description="se_e2_a models exported with tabulation data: serve the embedding networks as "
+        "quintic tables fused with the descriptor (deepmd-kit's 'dp compress', several times faster; equal to "
+        "the full graph within float32 precision). auto: on with the CPU provider, off on CUDA; on; off")
+    table_stride: float = Field(0.1, gt=0, le=1, description="grid step of the embedding tables in the normalised "
+                                "s(r) input (0.1 keeps the tables within 1e-8 of the networks)")
 
     # -- batching ----------------------------------------------------------------------------------------
     batch_wait_ms: float = Field(
@@ -95,6 +104,13 @@ class Settings(BaseSettings):
                 return json.loads(v)
             return [x.strip() for x in v.split(",") if x.strip()]
         return v
+
+    def table_options(self) -> dict:
+        """Model-loading options of the compressed se_e2_a path (app.inference.compressed): the tables cover
+        exactly every distance a request may hold (min_distance, floored at 0.05 A; closer atoms see the
+        embedding continued linearly)."""
+        return {"compression": self.compression, "table_stride": self.table_stride,
+                "table_r_min": max(self.min_distance, _TABLE_R_MIN_FLOOR)}
 
 
 @lru_cache

@@ -94,6 +94,7 @@ class DeepPotModel:
     """Load with :meth:`load`; evaluate with :meth:`predict`."""
 
     def __init__(self, directory: Path, manifest: dict, session, providers: list[str]):
+        self.compressed = None  # app.inference.compressed.CompressedSeA when serving tabulated embeddings
         self.directory = Path(directory)
         self.manifest = manifest
         self.session = session
@@ -113,8 +114,15 @@ class DeepPotModel:
 
     # -- loading ----------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, directory, device: str = "auto", intra_op_threads: int = 0, cpu_arena: bool = False) -> DeepPotModel:
+    def load(cls, directory, device: str = "auto", intra_op_threads: int = 0, cpu_arena: bool = False,
+             compression: str = "auto", table_stride: float = 0.1, table_r_min: float = 0.1) -> DeepPotModel:
         """Load and verify a model directory ``<store>/<name>/<version>/``. Raises ModelLoadError.
+
+        ``compression`` (se_e2_a models exported with ``fitting.onnx`` + ``embedding.npz``): 'auto' serves the
+        tabulated embeddings (:mod:`app.inference.compressed`) on the CPU provider with the numba physics and
+        the full graph otherwise; 'on' whenever the model has them; 'off' never. The files are verified
+        against their checksums whenever the manifest lists them. ``table_stride``: the tables' grid step in
+        the normalised s(r); ``table_r_min``: the closest distance (A) the table covers exactly.
 
         ``cpu_arena``: onnxruntime's CPU memory arena keeps the largest intermediate buffers it ever needed
         and grows by doubling, so a server's memory climbs for minutes under mixed batch sizes before it
@@ -181,6 +189,18 @@ class DeepPotModel:
                 raise ModelLoadError(
                     f"{onnx_path}: graph input {name!r} (element {e}) has shape {shape}, but the manifest's "
                     f"descriptor gives (n, {', '.join(map(str, tail))}): descriptor parameters and graph disagree")
+        comp = manifest.get("compression")
+        if comp is not None:
+            if compression not in ("auto", "on", "off"):
+                raise ValueError(f"compression must be one of 'auto', 'on', 'off', got {compression!r}")
+            use = compression == "on" or (compression == "auto" and providers == ["CPUExecutionProvider"])
+            model.compressed = _load_compressed(directory, manifest, opts, providers, use, model, table_stride, table_r_min)
+        if model.compressed is not None:
+            try:
+                model.compressed.warmup()
+            except Exception:
+                log.exception("%s: compressed se_e2_a kernels failed; serving the full graph", directory)
+                model.compressed = None
         return model
 
     def info(self) -> dict:
@@ -196,6 +216,7 @@ class DeepPotModel:
             "metrics": m.get("metrics", {}),
             "training": m.get("training", {}),
             "sha256": m["onnx"]["sha256"],
+            "compressed": self.compressed.info() if self.compressed is not None else None,
         }
 
     # -- evaluation -------------------------------------------------------------------------------------
@@ -208,6 +229,11 @@ class DeepPotModel:
         if isinstance(self.descriptor, LocFrame):
             return self.descriptor.features_grad_to_env(g)
         return g
+
+    @property
+    def input_dtype(self):
+        """dtype of the per-element inputs: the graph's, or float64 for the (float64) compressed kernels."""
+        return np.float64 if self.compressed is not None else self.dtype
 
     def _input_shape_tail(self) -> tuple:
         d = self.descriptor
@@ -224,7 +250,10 @@ class DeepPotModel:
             counts.append(len(x))
             if len(x) == 0:  # zero-size inputs crash some onnxruntime kernels: feed one dummy row
                 x = np.zeros((1, *tail))
-            feeds[name] = np.ascontiguousarray(x, dtype=self.dtype)
+            feeds[name] = np.ascontiguousarray(x, dtype=self.input_dtype)
+        if self.compressed is not None:
+            e, g = self.compressed.run([feeds[name] for name in self.input_names], counts)
+            return (e, g) if raw else ([np.asarray(x, dtype=np.float64) for x in e], g)
         outs = self.session.run(self.energy_names + self.grad_names, feeds)
         nt = len(self.type_map)
         cast = (lambda o: np.asarray(o)) if raw else (lambda o: np.asarray(o, dtype=np.float64))
@@ -290,7 +319,7 @@ class DeepPotModel:
         xs = []
         for t in range(nt):  # each element's input, cast to the graph's precision in the one copy made
             k = [_count(r[t]) for r in rows]
-            buf = np.empty((sum(k), *tail), dtype=self.dtype)
+            buf = np.empty((sum(k), *tail), dtype=self.input_dtype)
             pos = 0
             for x, r, kk in zip(xs_all, rows, k, strict=True):
                 buf[pos : pos + kk] = x[r[t]]
@@ -314,6 +343,53 @@ class DeepPotModel:
             res["n_dropped"] += int(chunk.slots.n_dropped.sum())
             dEdr = self.descriptor.vjp(chunk, self._grad_to_env(g_chunk))
             accumulate_forces_virial(chunk.slots, chunk.start, j_of_pair, dEdr, res["forces"], res["virial"])
+
+
+def _load_compressed(directory: Path, manifest: dict, opts, providers, use: bool, model, stride: float, r_min: float):
+    """Verify the compressed files of an se_e2_a model; build its tables when ``use``."""
+    comp = manifest["compression"]
+    try:
+        files = {k: comp[k]["file"] for k in ("fitting", "embedding")}
+        sums = {k: comp[k]["sha256"] for k in ("fitting", "embedding")}
+    except (KeyError, TypeError) as e:
+        raise ModelLoadError(f"{directory}: manifest 'compression' section is malformed (lacks {e})") from e
+    if manifest["descriptor"]["type"] != "se_e2_a":
+        raise ModelLoadError(f"{directory}: a 'compression' section is only valid for se_e2_a models")
+    for k, fname in files.items():
+        path = directory / fname
+        if not path.is_file():
+            raise ModelLoadError(f"{directory}: compressed {k} file {fname!r} named by the manifest is missing")
+        digest = sha256_file(path)
+        if digest != sums[k]:
+            raise ModelLoadError(f"{path}: checksum mismatch (manifest says sha256 {sums[k][:12]}..., file has "
+                                 f"{digest[:12]}...): refusing a model that is not the one exported")
+    if not use or model.physics_backend != "numba":
+        return None
+    import onnxruntime as ort
+
+    from app.inference.compressed import CompressedSeA
+
+    try:
+        fit = ort.InferenceSession(str(directory / files["fitting"]), sess_options=opts, providers=providers)
+    except Exception as e:
+        raise ModelLoadError(f"{directory / files['fitting']}: onnxruntime cannot load it ({type(e).__name__}: {e})") from e
+    nt = len(manifest["type_map"])
+    outs = comp["fitting"].get("outputs", [])
+    ins = comp["fitting"].get("inputs", [])
+    if len(ins) != nt or len(outs) != nt:
+        raise ModelLoadError(f"{directory}: compressed fitting graph names {len(ins)} inputs for {nt} elements")
+    try:
+        comp_model = CompressedSeA(directory / files["embedding"], fit, ins, [o["energy"] for o in outs],
+                                   [o["grad"] for o in outs], stride=stride, r_min=r_min,
+                                   rcut_smth=float(manifest["descriptor"]["rcut_smth"]), precision=model.dtype)
+    except (KeyError, ValueError, OSError) as e:
+        raise ModelLoadError(f"{directory / files['embedding']}: cannot read the embedding tables ({e})") from e
+    if comp_model.nslot != model.descriptor.nslot or comp_model.ntypes != nt:
+        raise ModelLoadError(f"{directory}: embedding.npz is for {comp_model.ntypes} elements and {comp_model.nslot} "
+                             f"slots, the descriptor has {nt} and {model.descriptor.nslot}")
+    log.info("%s: compressed se_e2_a, %d table bins of stride %g, largest table error %.1e (relative)",
+             directory, comp_model.table.nbins, stride, comp_model.table.max_rel_error)
+    return comp_model
 
 
 def _rows(mask: np.ndarray) -> slice | np.ndarray:

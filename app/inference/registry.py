@@ -56,7 +56,8 @@ class ModelRegistry:
     @classmethod
     def from_store(cls, store, device: str = "auto", intra_op_threads: int = 0, cpu_arena: bool = False,
                    default_model: str | None = None, ensembles: dict[str, list[str]] | None = None,
-                   previous: ModelRegistry | None = None) -> ModelRegistry:
+                   previous: ModelRegistry | None = None, compression: str = "auto", table_stride: float = 0.1,
+                   table_r_min: float = 0.1) -> ModelRegistry:
         """Load and verify every model directory of ``store`` (reusing unchanged models of ``previous``)."""
         reg = cls(default_spec=default_model)
         store = Path(store)
@@ -71,7 +72,8 @@ class ModelRegistry:
                 reused = model is not None
                 if model is None:
                     model = DeepPotModel.load(directory, device=device, intra_op_threads=intra_op_threads,
-                                              cpu_arena=cpu_arena)
+                                              cpu_arena=cpu_arena, compression=compression,
+                                              table_stride=table_stride, table_r_min=table_r_min)
                 if (model.name, model.version) != (name, version):
                     raise ModelLoadError(f"{directory}: manifest says {model.name}/{model.version}, but the directory "
                                          f"is {name}/{version}: refusing an ambiguous model")
@@ -157,6 +159,9 @@ def _reuse(previous: ModelRegistry | None, directory: Path, name: str, version: 
         onnx = directory / manifest["onnx"]["file"]
         if manifest != old.manifest or sha256_file(onnx) != old.manifest["onnx"]["sha256"]:
             return None
+        for part in (manifest.get("compression") or {}).values():  # se_e2_a's fitting graph and embeddings
+            if sha256_file(directory / part["file"]) != part["sha256"]:
+                return None
     except (OSError, ValueError, KeyError, TypeError):
         return None  # the full load reports what is wrong
     return old

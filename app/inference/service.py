@@ -108,7 +108,8 @@ class PredictionService:
                 registry = await run_in_threadpool(
                     ModelRegistry.from_store, s.model_store, device=s.device, intra_op_threads=s.intra_op_threads,
                     cpu_arena=s.cpu_arena,
-                    default_model=s.default_model, ensembles=s.ensembles, previous=old.registry)
+                    default_model=s.default_model, ensembles=s.ensembles, previous=old.registry,
+                    **s.table_options())
             except Exception:
                 if self.metrics is not None:
                     self.metrics.reloads.labels("error").inc()
