@@ -16,6 +16,7 @@ Writes to out_dir: checkpoint.pt (with its config; resumable), lcurve.csv, lcurv
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -114,6 +115,8 @@ class Trainer:
             # some element's fitting net may get no gradient in a batch without that element
             self.model = DDP(self.model, find_unused_parameters=True)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=tc.lr_start)
+        # exponential moving average of the weights (ema_decay > 0): what validation, plots and export see
+        self.ema = [p.detach().clone() for p in self.net.parameters()] if tc.ema_decay > 0 else None
         self.step = 0
         self.elapsed = 0.0
         self.nstairs: int | None = None  # time-budget schedule: stairs, fixed from the step rate (see lr)
@@ -220,9 +223,27 @@ class Trainer:
             loss = loss + pv * lv
         return loss, dict(le=le.item(), lf=lf.item(), lv=lv.item() if lv is not None else float("nan"))
 
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Within the block the network holds the EMA weights (if any); the training weights come back after."""
+        if self.ema is None:
+            yield
+            return
+        params = list(self.net.parameters())
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, self.ema, strict=True):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved, strict=True):
+                    p.copy_(s)
+
     def validate(self) -> dict:
         se_e, se_f, se_v, n_f = [], 0.0, [], 0
-        with torch.no_grad():
+        with torch.no_grad(), self.averaged_weights():
             for b in self.val_batches:
                 energy, forces, virial = forward(self.net, b, self.ntypes, need_virial=b.has_virial)
                 se_e.append(float(((energy - b.energy) / torch.as_tensor(b.natoms)).pow(2).sum()))
@@ -257,6 +278,11 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            if self.ema is not None:
+                with torch.no_grad():
+                    d = tc.ema_decay
+                    for e, p in zip(self.ema, self.net.parameters(), strict=True):
+                        e.mul_(d).add_(p.detach(), alpha=1.0 - d)
             self.step += 1
             now = time.perf_counter()
             self.elapsed += now - last
@@ -318,7 +344,8 @@ class Trainer:
             type_map=self.type_map,
             descriptor=self.desc_params,
             network=self.net_params,
-            net_state=self.net.state_dict(),
+            net_state=self._export_state(),  # the weights to export: the EMA ones when averaging
+            train_state=self.net.state_dict(),  # the optimiser's weights, to resume from
             opt_state=self.opt.state_dict(),
             energy_bias=self.energy_bias.tolist(),
             step=self.step,
@@ -336,12 +363,20 @@ class Trainer:
 
     def _load(self, path):
         st = torch.load(path, map_location="cpu", weights_only=False)
-        self.net.load_state_dict(st["net_state"])
+        self.net.load_state_dict(st.get("train_state", st["net_state"]))
+        if self.ema is not None:
+            ema = st["net_state"] if "train_state" in st else self.net.state_dict()
+            named = dict(self.net.named_parameters())
+            self.ema = [ema[k].detach().clone() for k in named]
         self.opt.load_state_dict(st["opt_state"])
         self.energy_bias = np.asarray(st["energy_bias"])
         self.step, self.elapsed, self.rows = st["step"], st["elapsed"], st["rows"]
         self.nstairs = st.get("nstairs")
         self.log(f"resumed from {path} at step {self.step} ({self.elapsed / 60:.1f} min trained)")
+
+    def _export_state(self) -> dict:
+        with self.averaged_weights():
+            return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def _write_lcurve(self):
         with open(self.out / "lcurve.csv", "w", newline="") as f:
@@ -355,7 +390,7 @@ class Trainer:
         if self.rows:
             plot_lcurve(self.rows, self.out / "lcurve.png", title=f"{self.cfg.descriptor.type} learning curve")
         e_ref, e_pred, f_ref, f_pred = [], [], [], []
-        with torch.no_grad():
+        with torch.no_grad(), self.averaged_weights():
             for b in self.val_batches:
                 energy, forces, _ = forward(self.net, b, self.ntypes, need_virial=False)
                 n = torch.as_tensor(b.natoms)

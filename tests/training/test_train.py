@@ -88,3 +88,25 @@ def test_time_budget_schedule_keeps_deepmd_stairs(tmp_path):
     tr.save()
     tr2 = Trainer(cfg, resume=str(tmp_path / "run" / "checkpoint.pt"), log=lambda *a: None)
     assert tr2.nstairs == 4
+
+
+def test_weight_averaging_is_what_validation_and_export_see(tmp_path):
+    import torch
+
+    cfg = _tiny_config("loc_frame", tmp_path / "run", steps=15)
+    cfg.training.ema_decay = 0.8
+    tr = Trainer(cfg, log=lambda *a: None)
+    tr.run()
+    st = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    names = [k for k, _ in tr.net.named_parameters()]
+    # exported weights are the average, the optimiser's weights are kept for resuming
+    for k, e in zip(names, tr.ema, strict=True):
+        assert torch.equal(st["net_state"][k], e)
+    assert any(not torch.equal(st["net_state"][k], st["train_state"][k]) for k in names)
+    live = [p.detach().clone() for p in tr.net.parameters()]
+    with tr.averaged_weights():
+        assert all(torch.equal(p, e) for p, e in zip(tr.net.parameters(), tr.ema, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(tr.net.parameters(), live, strict=True))
+    tr2 = Trainer(cfg, resume=str(tmp_path / "run" / "checkpoint.pt"), log=lambda *a: None)
+    assert all(torch.equal(p, q) for p, q in zip(tr2.net.parameters(), live, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(tr2.ema, tr.ema, strict=True))
