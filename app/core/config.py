@@ -1,8 +1,9 @@
 """Service settings: one pydantic-settings class, read from ``DPSERVE_*`` environment variables.
 
 Every limit exists so that no request can make the server hang or run out of memory: a request beyond a
-limit is refused with 413 (sizes) or 422 (content) before any heavy work starts; beyond the queue bounds a
-request is shed at once with 503 and Retry-After; beyond ``request_timeout_s`` it gets 504.
+limit is refused with 413 (sizes) or 422 (content) before any heavy work starts; beyond the pending bounds
+(before its body is read) or the queue bounds a request is shed at once with 503 and Retry-After; beyond
+``request_timeout_s`` it gets 504.
 
 Secrets (``admin_token``, ``api_keys``) are ``SecretStr``: their repr and the logs show ``**********``. Tests build their own
 ``Settings`` and pass it to :func:`app.main.create_app`; the running server uses :func:`get_settings`.
@@ -73,6 +74,14 @@ class Settings(BaseSettings):
     max_queue_atoms: int = Field(
         262144, ge=1, description="atoms waiting for a model call, per model (503 beyond; a request larger than "
         "this is still admitted into an empty queue, as max_atoms_per_request bounds it)")
+    max_pending_requests: int = Field(
+        1024, ge=1, description="/predict requests held by the server, from their arrival (before the body is "
+        "read) to their response; beyond it a request is shed at once with 503 and Retry-After (a lone request is "
+        "always admitted)")
+    max_pending_body_bytes: int = Field(
+        2**30, ge=1, description="body bytes held by those requests (declared Content-Length, or counted as the "
+        "body streams in); beyond it 503 and Retry-After before the body is read, so concurrent large uploads "
+        "cannot exhaust memory (a lone request is always admitted, as max_body_bytes bounds it)")
     request_timeout_s: float = Field(
         60.0, gt=0, description="deadline of one /predict request from the end of its body upload, seconds "
         "(504 beyond; frames not yet started leave the queue)")

@@ -10,7 +10,8 @@ Exposed at ``GET /metrics``. Names:
   second), ``dpserve_atoms_per_second{model}`` -- the last call's throughput;
 * ``dpserve_queue_depth{model}`` -- requests waiting for a model call; ``dpserve_dropped_neighbours_total{model}``;
 * ``dpserve_shed_total{model, reason}`` -- requests refused with 503 before any work (``queue_full``,
-  ``shutting_down``); ``dpserve_timeouts_total{model}`` -- requests answered 504;
+  ``shutting_down``; ``pending_requests``, ``pending_bytes`` with model ``none``: the server-wide pending
+  bounds, checked before the body is read); ``dpserve_timeouts_total{model}`` -- requests answered 504;
 * ``dpserve_models_loaded``, ``dpserve_models_refused``, ``dpserve_reloads_total{result}``.
 """
 
@@ -51,8 +52,8 @@ class Metrics:
         self.models_loaded = Gauge("dpserve_models_loaded", "models loaded", registry=r)
         self.models_refused = Gauge("dpserve_models_refused", "model directories (and ensembles) refused by the "
                                     "last load", registry=r)
-        self.shed = Counter("dpserve_shed", "requests shed with 503 before any work (queue full, shutting down)",
-                            ["model", "reason"], registry=r)
+        self.shed = Counter("dpserve_shed", "requests shed with 503 before any work (queue full, shutting down, "
+                            "pending bounds)", ["model", "reason"], registry=r)
         self.timeouts = Counter("dpserve_timeouts", "requests answered 504 (request_timeout_s exceeded)", ["model"],
                                 registry=r)
         self.reloads = Counter("dpserve_reloads", "model store reloads (admin endpoint or SIGHUP)", ["result"],

@@ -13,13 +13,20 @@ that did not change keep their batcher, so their traffic does not even pause. A 
 generation that was current when it arrived from start to end; the batchers of replaced or removed models
 are stopped once no request of an older generation uses them, so in-flight requests finish on the model
 they started with and none fails because of a reload.
+
+Before its body is read, a request is admitted against the server-wide pending bounds (:meth:`admit`):
+``max_pending_requests`` requests and ``max_pending_body_bytes`` body bytes (the declared Content-Length,
+or the bytes received so far when there is none) from arrival to response. Beyond them it is shed at once
+with 503, so many concurrent large uploads cannot hold unbounded memory before the per-model queue bounds
+(which see a request only once its body is parsed) come into play. A lone request is always admitted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -37,7 +44,7 @@ from app.inference.registry import ModelRegistry
 from app.inference.validation import check_sizes, to_frames
 from app.schemas import PROPERTIES, PredictRequest, describe_errors
 
-__all__ = ["PredictionService"]
+__all__ = ["PredictionService", "Pending"]
 
 log = logging.getLogger(__name__)
 INLINE_BODY_BYTES = 64 * 1024  # decode smaller bodies on the event loop
@@ -53,11 +60,37 @@ class _Generation:
     users: int = 0
 
 
+class Pending:
+    """One /predict request's hold on the pending bounds, from :meth:`PredictionService.admit`."""
+
+    __slots__ = ("service", "bytes")
+
+    def __init__(self, service: PredictionService):
+        self.service = service
+        self.bytes = 0  # body bytes this request holds in service.pending_bytes
+
+    def hold(self, nbytes: int) -> None:
+        """Hold ``nbytes`` body bytes in all (called with the declared length, then with the bytes received so
+        far); 503 if that takes the server beyond max_pending_body_bytes while other requests are pending."""
+        extra = nbytes - self.bytes
+        if extra <= 0:
+            return
+        s = self.service
+        limit = s.settings.max_pending_body_bytes
+        if s.pending > 1 and s.pending_bytes + extra > limit:
+            raise s.shed_pending("pending_bytes", f"{s.pending_bytes} body bytes pending + {extra} > "
+                                 f"max_pending_body_bytes = {limit} (DPSERVE_MAX_PENDING_BODY_BYTES)")
+        s.pending_bytes += extra
+        self.bytes = nbytes
+
+
 class PredictionService:
     def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
         self.metrics = metrics
         self.incoming = 0  # requests being decoded/validated now: the batcher waits for them
+        self.pending = 0  # /predict requests admitted and not yet answered (see admit)
+        self.pending_bytes = 0  # body bytes those requests hold
         self.on_swap: Callable[[ModelRegistry], None] | None = None  # called after a reload swapped registries
         self._gen = _Generation(registry)
         self._old: list[_Generation] = []  # replaced generations that requests still use
@@ -150,6 +183,32 @@ class PredictionService:
             task.add_done_callback(self._stopping.discard)
 
     # -- one request ------------------------------------------------------------------------------------
+    @contextmanager
+    def admit(self, declared_bytes: int = 0) -> Iterator[Pending]:
+        """Admit a /predict request before its body is read, holding ``declared_bytes`` (its Content-Length,
+        0 if unknown; :meth:`Pending.hold` adds bytes as they arrive) until the ``with`` block ends, however
+        it ends. Raises the 503 of :meth:`shed_pending` when other requests are pending and this one would
+        take the server beyond max_pending_requests or max_pending_body_bytes."""
+        self.pending += 1
+        pending = Pending(self)
+        try:
+            limit = self.settings.max_pending_requests
+            if self.pending > limit:  # limit >= 1: other requests are pending
+                raise self.shed_pending("pending_requests", f"{self.pending - 1} requests pending, "
+                                        f"max_pending_requests = {limit} (DPSERVE_MAX_PENDING_REQUESTS)")
+            pending.hold(declared_bytes)
+            yield pending
+        finally:
+            self.pending -= 1
+            self.pending_bytes -= pending.bytes
+
+    def shed_pending(self, reason: str, why: str) -> ServiceError:
+        """The 503 of a request beyond a pending bound (dpserve_shed_total{model="none", reason})."""
+        if self.metrics is not None:
+            self.metrics.shed.labels("none", reason).inc()
+        return ServiceError(503, f"the server is overloaded ({why}); retry after the Retry-After seconds",
+                            headers={"Retry-After": "1"})
+
     def prepare(self, body: bytes, content_type: str | None, registry: ModelRegistry | None = None,
                 ) -> tuple[DeepPotModel | Ensemble, list[Frame], list[str]]:
         """Decode and validate a body (raises ServiceError 4xx naming the field)."""

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from app.api.deps import ServiceDep, SettingsDep, require_api_key
 from app.codec import MSGPACK, is_msgpack
 from app.core.errors import ServiceError
+from app.inference.service import Pending
 from app.schemas import ErrorResponse, PredictResponse, predict_examples
 
 router = APIRouter(tags=["predict"])
@@ -36,24 +37,39 @@ _ERRORS = {
     413: {"model": ErrorResponse, "description": "body, frame or atom count beyond the configured limits"},
     415: {"model": ErrorResponse, "description": "Content-Type neither JSON nor msgpack"},
     422: {"model": ErrorResponse, "description": "invalid content; each message names the field and the allowed values"},
-    503: {"model": ErrorResponse, "description": "overloaded: the model's queue is full (the Retry-After header "
-          "says when to retry); shutting down; or no model loaded"},
+    503: {"model": ErrorResponse, "description": "overloaded: too many requests or body bytes pending on the server "
+          "(max_pending_requests, max_pending_body_bytes; checked before the body is read) or the model's queue "
+          "is full (the Retry-After header says when to retry); shutting down; or no model loaded"},
     504: {"model": ErrorResponse, "description": "not finished within request_timeout_s"},
 }
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
+def _too_big(limit: int) -> ServiceError:
+    return ServiceError(413, f"request body larger than max_body_bytes = {limit} (DPSERVE_MAX_BODY_BYTES); "
+                        "split the request, or use msgpack with raw arrays")
+
+
+def declared_length(request: Request, limit: int) -> int | None:
+    """The request's Content-Length (None if absent or malformed), refused with 413 beyond ``limit``."""
     declared = request.headers.get("content-length")
-    too_big = ServiceError(413, f"request body larger than max_body_bytes = {limit} (DPSERVE_MAX_BODY_BYTES); "
-                           "split the request, or use msgpack with raw arrays")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_big
+    if declared is None or not declared.isdigit():
+        return None
+    if int(declared) > limit:
+        raise _too_big(limit)
+    return int(declared)
+
+
+async def read_body(request: Request, limit: int, pending: Pending | None = None) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes. With ``pending``, the bytes
+    received are held in the server's pending bytes as they arrive (503 beyond max_pending_body_bytes)."""
+    declared_length(request, limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_big
+            raise _too_big(limit)
+        if pending is not None:
+            pending.hold(size)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -72,7 +88,9 @@ async def predict(request: Request, service: ServiceDep, settings: SettingsDep) 
     (6,) eV/A^3 for periodic 3D cells and atomic_energies (N,) eV on request. Concurrent requests are
     batched into one model call; results do not depend on it. ``model`` may name an ensemble: then the
     members' mean and their model deviation (DP-GEN's) come back."""
-    body = await read_body(request, settings.max_body_bytes)
-    content, media_type = await service.predict(body, request.headers.get("content-type"),
-                                                is_msgpack(request.headers.get("accept")))
+    # admitted against the server-wide pending bounds before the body is read, held until the answer
+    with service.admit(declared_length(request, settings.max_body_bytes) or 0) as pending:
+        body = await read_body(request, settings.max_body_bytes, pending)
+        content, media_type = await service.predict(body, request.headers.get("content-type"),
+                                                    is_msgpack(request.headers.get("accept")))
     return Response(content, media_type=media_type)
