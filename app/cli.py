@@ -55,7 +55,7 @@ def _export(args) -> int:
     from training.export import export_checkpoint
 
     export_checkpoint(args.checkpoint, args.name, args.version, store=args.store, precision=args.precision,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, repulsion=args.repulsion)
     return 0
 
 
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--store", default="model_store")
     e.add_argument("--precision", default="float32", choices=["float32", "float64"])
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--repulsion", default="zbl", choices=["zbl", "none"],
+                   help="add ZBL repulsion below each element pair's closest distance in the training data "
+                        "(zero on every training frame; keeps MD from collapsing where the model never learned)")
     e.set_defaults(func=_export)
 
     v = sub.add_parser("test", help="dp-test-style errors of a model on data systems")

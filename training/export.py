@@ -52,6 +52,7 @@ def export_checkpoint(
     metrics: dict | None = None,
     overwrite: bool = False,
     validation_metrics: bool = True,
+    repulsion: str = "zbl",
     log=print,
 ) -> Path:
     if precision not in ("float32", "float64"):
@@ -91,6 +92,16 @@ def export_checkpoint(
         if ckpt["descriptor"]["type"] == "se_e2_a":
             compression = _export_compressed(net, tmp, nt, dtype)
         cfg = ckpt["config"]
+        rep = None
+        if repulsion == "zbl":
+            from app.physics.repulsion import repulsion_for
+
+            systems, _ = load_systems(config_from_dict(cfg).data.systems, type_map)
+            rep = repulsion_for(systems, type_map)
+            log("repulsion (ZBL below the training data's closest pairs): " + ", ".join(
+                f"{k} {a:.2f}-{b:.2f} A" for k, (a, b) in rep["pairs"].items()))
+        elif repulsion != "none":
+            raise ValueError(f"repulsion must be 'zbl' or 'none', got {repulsion!r}")
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": name,
@@ -110,6 +121,7 @@ def export_checkpoint(
                 "outputs": {e: {"energy": e_out[t], "grad": g_out[t]} for t, e in enumerate(type_map)},
             },
             **({"compression": compression} if compression else {}),
+            **({"repulsion": rep} if rep else {}),
             "training": {
                 "data": cfg["data"]["systems"],
                 "steps": ckpt["step"],

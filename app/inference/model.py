@@ -33,6 +33,7 @@ from app.physics import backend
 from app.physics.descriptors import LocFrame, make_descriptor
 from app.physics.forces import accumulate_forces_virial
 from app.physics.neighbors import neighbor_list
+from app.physics.repulsion import PairRepulsion
 
 __all__ = ["Frame", "DeepPotModel", "ModelLoadError", "MANIFEST_NAME", "sha256_file", "available_providers"]
 
@@ -111,6 +112,8 @@ class DeepPotModel:
         self.grad_names = [io["outputs"][e]["grad"] for e in self.type_map]
         self.dtype = np.float32 if io.get("precision", "float32") == "float32" else np.float64
         self.physics_backend: str = backend.BACKEND
+        rep = manifest.get("repulsion")
+        self.repulsion = PairRepulsion(self.type_map, rep) if rep else None  # ZBL below the training range
 
     # -- loading ----------------------------------------------------------------------------------------
     @classmethod
@@ -217,6 +220,7 @@ class DeepPotModel:
             "training": m.get("training", {}),
             "sha256": m["onnx"]["sha256"],
             "compressed": self.compressed.info() if self.compressed is not None else None,
+            "repulsion": m.get("repulsion"),
         }
 
     # -- evaluation -------------------------------------------------------------------------------------
@@ -301,6 +305,11 @@ class DeepPotModel:
         if pending:
             self._flush(pending, results, fast)
         for f, res in zip(frames, results, strict=True):
+            if self.repulsion is not None:
+                e_rep, f_rep, v_rep = self.repulsion.compute(f.types, f.positions, f.cell, f.pbc)
+                res["atomic_energies"] += e_rep
+                res["forces"] += f_rep
+                res["virial"] += v_rep
             res["atomic_energies"] += self.energy_bias[np.asarray(f.types, dtype=np.int64)]
             res["energy"] = float(np.sum(res["atomic_energies"], dtype=np.float64))
             if not atomic_energies:
@@ -450,3 +459,8 @@ def _validate_manifest(m: dict, path: Path) -> None:
         make_descriptor(m["descriptor"], m["type_map"])
     except (KeyError, ValueError, TypeError) as e:
         raise ModelLoadError(f"{path}: bad descriptor parameters ({e})") from e
+    if m.get("repulsion") is not None:
+        try:
+            PairRepulsion(m["type_map"], m["repulsion"])
+        except (AttributeError, KeyError, ValueError, TypeError) as e:
+            raise ModelLoadError(f"{path}: bad repulsion section ({e})") from e

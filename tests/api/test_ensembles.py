@@ -36,6 +36,7 @@ def ens(tiny_store, tmp_path_factory):
     for section in (m["energy_bias"], m["onnx"]["inputs"], m["onnx"]["outputs"]):
         section["N"] = section.pop("O")
     m.pop("normalisation", None)
+    m.pop("repulsion", None)
     (d / "manifest.json").write_text(json.dumps(m))
     with TestClient(create_app(make_settings(store, ensembles=ENSEMBLES))) as c:
         yield c

@@ -45,6 +45,7 @@ def _only_oxygen(m):
     m["onnx"]["inputs"].pop("H")
     m["onnx"]["outputs"].pop("H")
     m["descriptor"]["sel"] = m["descriptor"]["sel"][:1]
+    m.pop("repulsion", None)
 
 
 def _fake_element(m):
