@@ -296,12 +296,23 @@ def markdown(res: dict) -> str:
     return "\n".join(out)
 
 
+def latest_versions(models: list[dict]) -> list[dict]:
+    """The highest version of each model name (numeric versions compared as numbers)."""
+    best: dict[str, dict] = {}
+    key = lambda v: (0, int(v), "") if str(v).isdigit() else (1, 0, str(v))  # noqa: E731
+    for m in models:
+        if m["name"] not in best or key(m["version"]) > key(best[m["name"]]["version"]):
+            best[m["name"]] = m
+    return sorted(best.values(), key=lambda m: m["name"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", type=Path, default=ROOT / "model_store")
     p.add_argument("--quick", action="store_true", help="small sizes and short runs (a smoke test)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "service.json")
     p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--all-versions", action="store_true", help="every version in the store (default: the latest of each name)")
     args = p.parse_args(argv)
     quick = args.quick
     sizes = [1536, 12288] if quick else [12288, 98304]
@@ -319,6 +330,8 @@ def main(argv=None) -> int:
     print(f"server log: {log}", flush=True)
     with Server(store, log) as server:
         models = httpx.get(server.url + "/models", timeout=30).json()["models"]
+        if not args.all_versions:
+            models = latest_versions(models)
         water = [m for m in models if {"O", "H"} <= set(m["type_map"])]
         print(f"server {server.url}: models {[m['name'] + '/' + m['version'] for m in models]}", flush=True)
         for m in water:
