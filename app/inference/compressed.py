@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
+from app.physics.kernels import _lock, _threads
+
 __all__ = ["EmbeddingTable", "CompressedSeA", "embedding_forward", "quintic_coefficients"]
 
 log = logging.getLogger(__name__)
@@ -276,6 +278,9 @@ def _tab_backward(R, std, slot_type, coef, g_end, dg_end, stride, x_max, inv_nsl
             gR[i, k, 3] = a3 / std[k, 3]
 
 
+_PARALLEL_MIN = 64  # centre atoms of one element: fewer run on the calling thread (each costs ~100 slots x M1)
+
+
 # -- the runner -----------------------------------------------------------------------------------------
 
 
@@ -309,10 +314,11 @@ class CompressedSeA:
         self.precision = precision
 
     def warmup(self) -> None:
-        """Compile (or load from numba's cache) both kernels now, not on the first request."""
-        R = np.zeros((1, self.nslot, 4))
-        R[0, 0] = (0.5 * self.std[0, 0, 0], 0.1, 0.1, 0.1)
-        self.run([R] * self.ntypes, [1] * self.ntypes)
+        """Compile (or load from numba's cache) the kernels now, not on the first request."""
+        for n in (1, _PARALLEL_MIN):  # both thread settings
+            R = np.zeros((n, self.nslot, 4))
+            R[:, 0] = (0.5 * self.std[0, 0, 0], 0.1, 0.1, 0.1)
+            self.run([R] * self.ntypes, [n] * self.ntypes)
 
     def info(self) -> dict:
         return {"stride": self.table.stride, "x_max": self.table.x_max, "bins": self.table.nbins,
@@ -325,8 +331,9 @@ class CompressedSeA:
         T = np.empty((n, 4, self.m1))
         D = np.empty((n, self.m1 * self.m2))
         tb = self.table
-        _tab_forward(R, self.std[t], self.slot_type, tb.coef, tb.g_end, tb.dg_end, tb.stride, tb.x_max,
-                     1.0 / self.nslot, self.m2, T, D)
+        with _threads(n, _PARALLEL_MIN), _lock():  # small inputs on the calling thread alone (as app.physics.kernels)
+            _tab_forward(R, self.std[t], self.slot_type, tb.coef, tb.g_end, tb.dg_end, tb.stride, tb.x_max,
+                         1.0 / self.nslot, self.m2, T, D)
         return R, T, D
 
     def run(self, xs: list[np.ndarray], counts: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -345,8 +352,9 @@ class CompressedSeA:
             R, T = keep[t]
             gD = np.ascontiguousarray(outs[nt + t], dtype=np.float64)
             gR = np.empty_like(R)
-            _tab_backward(R, self.std[t], self.slot_type, tb.coef, tb.g_end, tb.dg_end, tb.stride, tb.x_max,
-                          1.0 / self.nslot, self.m2, T, gD, gR)
+            with _threads(len(R), _PARALLEL_MIN), _lock():
+                _tab_backward(R, self.std[t], self.slot_type, tb.coef, tb.g_end, tb.dg_end, tb.stride, tb.x_max,
+                              1.0 / self.nslot, self.m2, T, gD, gR)
             es.append(np.asarray(outs[t]).reshape(-1)[: counts[t]])
             gs.append(gR[: counts[t]])
         return es, gs

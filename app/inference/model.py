@@ -114,6 +114,9 @@ class DeepPotModel:
         self.physics_backend: str = backend.BACKEND
         rep = manifest.get("repulsion")
         self.repulsion = PairRepulsion(self.type_map, rep) if rep else None  # ZBL below the training range
+        if self.repulsion is not None and self.repulsion.cutoff > self.rcut:
+            raise ModelLoadError(f"{directory}: repulsion reaches {self.repulsion.cutoff:g} A, beyond the model's "
+                                 f"cutoff {self.rcut:g} A")
 
     # -- loading ----------------------------------------------------------------------------------------
     @classmethod
@@ -285,6 +288,7 @@ class DeepPotModel:
         ]
         pending: list[tuple[int, object, np.ndarray, np.ndarray]] = []
         pending_atoms = 0
+        repulsion: list = [None] * len(frames)  # per frame: ZBL (atomic energies, forces, virial)
         fast = self.physics_backend == "numba"
         if fast:
             from app.physics import kernels
@@ -293,9 +297,14 @@ class DeepPotModel:
             if fast:
                 pairs = kernels.pair_list(f.positions, f.cell, f.pbc, self.rcut)
                 chunks, j_of_pair = kernels.chunks(self.descriptor, pairs, types, chunk_atoms), None
+                if self.repulsion is not None:  # from the model's own pair list (its cutoff is larger)
+                    centre = np.repeat(np.arange(len(types)), np.diff(pairs.start))
+                    repulsion[fi] = self.repulsion.from_pairs(types, centre, pairs.j, pairs.D)
             else:
                 nl = neighbor_list(f.positions, f.cell, f.pbc, self.rcut)
                 chunks, j_of_pair = self.descriptor.chunks(nl, types, chunk_atoms), nl.j
+                if self.repulsion is not None:
+                    repulsion[fi] = self.repulsion.from_pairs(types, nl.i, nl.j, nl.D, nl.d)
             for chunk in chunks:
                 pending.append((fi, chunk, types[chunk.start : chunk.stop], j_of_pair))
                 pending_atoms += chunk.stop - chunk.start
@@ -304,12 +313,11 @@ class DeepPotModel:
                     pending, pending_atoms = [], 0
         if pending:
             self._flush(pending, results, fast)
-        for f, res in zip(frames, results, strict=True):
-            if self.repulsion is not None:
-                e_rep, f_rep, v_rep = self.repulsion.compute(f.types, f.positions, f.cell, f.pbc)
-                res["atomic_energies"] += e_rep
-                res["forces"] += f_rep
-                res["virial"] += v_rep
+        for f, res, rep in zip(frames, results, repulsion, strict=True):
+            if rep is not None:  # added last: the force assembly above overwrites, it does not accumulate
+                res["atomic_energies"] += rep[0]
+                res["forces"] += rep[1]
+                res["virial"] += rep[2]
             res["atomic_energies"] += self.energy_bias[np.asarray(f.types, dtype=np.int64)]
             res["energy"] = float(np.sum(res["atomic_energies"], dtype=np.float64))
             if not atomic_energies:

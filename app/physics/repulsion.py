@@ -85,12 +85,23 @@ class PairRepulsion:
         if self.cutoff <= 0 or n < 2:
             return e_at, forces, virial
         nl = neighbor_list(positions, cell, pbc, self.cutoff)
-        ti, tj = types[nl.i], types[nl.j]
-        r_out = self.r_out[ti, tj]
-        close = nl.d < r_out
+        return self.from_pairs(types, nl.i, nl.j, nl.D, nl.d)
+
+    def from_pairs(self, types, i, j, D, d=None):
+        """The same from a full pair list (each pair twice; D = r_j - r_i with images) of any cutoff >=
+        ``self.cutoff``, e.g. the model's own."""
+        types = np.asarray(types, dtype=np.int64)
+        n = len(types)
+        e_at, forces, virial = np.zeros(n), np.zeros((n, 3)), np.zeros((3, 3))
+        if len(i) == 0 or self.cutoff <= 0:
+            return e_at, forces, virial
+        if d is None:
+            d = np.sqrt(np.einsum("px,px->p", D, D))
+        ti, tj = types[i], types[j]
+        close = d < self.r_out[ti, tj]
         if not close.any():
             return e_at, forces, virial
-        i, j, D, r = nl.i[close], nl.j[close], nl.D[close], nl.d[close]
+        i, j, D, r = i[close], j[close], D[close], d[close]
         ti, tj = ti[close], tj[close]
         e, de = zbl(r, self.z[ti], self.z[tj])
         s, ds = smoothstep(r, self.r_in[ti, tj], self.r_out[ti, tj])
