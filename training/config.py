@@ -68,6 +68,7 @@ class TrainingConfig:
     pref_f_limit: float = 1.0  # force prefactor at the end
     pref_v_start: float = 0.0  # virial prefactor at the start (used only where the data has virials)
     pref_v_limit: float = 0.0  # virial prefactor at the end
+    weight_decay: float = 0.0  # > 0: AdamW's decoupled weight decay (p -= lr * weight_decay * p each step)
     ema_decay: float = 0.0  # > 0 (e.g. 0.999): validate, plot and export an exponential moving average of the weights
     val_every: int = 1000  # steps between validations (and learning-curve rows)
     checkpoint_every: int = 5000  # steps between checkpoints

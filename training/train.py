@@ -114,7 +114,10 @@ class Trainer:
         if self.world > 1:
             # some element's fitting net may get no gradient in a batch without that element
             self.model = DDP(self.model, find_unused_parameters=True)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=tc.lr_start)
+        if tc.weight_decay > 0:
+            self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc.lr_start, weight_decay=tc.weight_decay)
+        else:
+            self.opt = torch.optim.Adam(self.net.parameters(), lr=tc.lr_start)
         # exponential moving average of the weights (ema_decay > 0): what validation, plots and export see
         self.ema = [p.detach().clone() for p in self.net.parameters()] if tc.ema_decay > 0 else None
         self.step = 0
