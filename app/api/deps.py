@@ -18,7 +18,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from app.core.config import Settings, get_settings
+from app.core.config import Settings
 from app.core.errors import ServiceError
 from app.core.metrics import Metrics
 from app.inference.registry import ModelRegistry
@@ -29,19 +29,28 @@ __all__ = ["SettingsDep", "RegistryDep", "ServiceDep", "MetricsDep", "require_ad
 log = logging.getLogger(__name__)
 
 
-def get_registry(request: Request) -> ModelRegistry:
+# the dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in a worker thread, a thread
+# hand-off per dependency per request (py-spy showed it under many small requests)
+
+
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.service.registry
 
 
-def get_service(request: Request) -> PredictionService:
+async def get_service(request: Request) -> PredictionService:
     return request.app.state.service
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+async def get_app_settings(request: Request) -> Settings:
+    """The settings the app was created with (app.main.create_app)."""
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ServiceDep = Annotated[PredictionService, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
