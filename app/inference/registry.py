@@ -132,16 +132,13 @@ class ModelRegistry:
             raise ServiceError(503, "no model is loaded (see GET /models for the refused ones and the server log)")
         if spec is not None and spec in self.ensembles:
             return self.ensembles[spec]
+        model = self.default if spec is None else self.find(spec)
+        if model is not None:
+            return model
         available = ", ".join(self.names() + [f"{e} (ensemble)" for e in sorted(self.ensembles)])
         if spec is None:
-            model = self.default
-            if model is None:
-                raise ServiceError(404, f"the default model {self.default_spec!r} is not loaded; name one of: {available}")
-            return model
-        model = self.find(spec)
-        if model is None:
-            raise ServiceError(404, f"model: unknown model {spec!r}; available: {available}")
-        return model
+            raise ServiceError(404, f"the default model {self.default_spec!r} is not loaded; name one of: {available}")
+        raise ServiceError(404, f"model: unknown model {spec!r}; available: {available}")
 
     def is_default(self, model: DeepPotModel) -> bool:
         return self.default is model

@@ -64,6 +64,11 @@ def check_sizes(raw, settings: Settings) -> None:
 
 def _types(species: list[str], model: DeepPotModel, k: int) -> np.ndarray:
     """Element symbols -> indices into model.type_map, or a 422 naming the first bad entry."""
+    index = {e: t for t, e in enumerate(model.type_map)}
+    try:  # the common case, in one pass (np.unique on strings costs more than the whole lookup)
+        return np.fromiter((index[s] for s in species), dtype=np.int64, count=len(species))
+    except (KeyError, TypeError):
+        pass  # find and name the first bad entry below
     symbols, inverse = np.unique(np.asarray(species, dtype=object).astype(str), return_inverse=True)
     index = {e: t for t, e in enumerate(model.type_map)}
     lookup = np.empty(len(symbols), dtype=np.int64)
