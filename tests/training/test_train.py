@@ -110,3 +110,20 @@ def test_weight_averaging_is_what_validation_and_export_see(tmp_path):
     tr2 = Trainer(cfg, resume=str(tmp_path / "run" / "checkpoint.pt"), log=lambda *a: None)
     assert all(torch.equal(p, q) for p, q in zip(tr2.net.parameters(), live, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(tr2.ema, tr.ema, strict=True))
+
+
+def test_weight_decay_shrinks_weights_towards_zero(tmp_path):
+    """AdamW's decoupled decay: with a zero loss gradient the weights shrink by (1 - lr * wd) per step."""
+    import torch
+
+    cfg = _tiny_config("loc_frame", tmp_path / "run", steps=1)
+    cfg.training.weight_decay = 0.5
+    tr = Trainer(cfg, log=lambda *a: None)
+    assert isinstance(tr.opt, torch.optim.AdamW)
+    before = [p.detach().clone() for p in tr.net.parameters()]
+    for p in tr.net.parameters():
+        p.grad = torch.zeros_like(p)
+    tr.opt.step()
+    lr = cfg.training.lr_start
+    for b, p in zip(before, tr.net.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), b * (1 - lr * 0.5))
