@@ -214,9 +214,13 @@ class Batcher:
     async def _run(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         frames = [f for job in batch for f in job.frames]
+        owner = [job for job in batch for _ in job.frames]
         want_ae = any(job.atomic_energies for job in batch)
+        # a frame whose request is already answered (deadline passed, client gone) is not computed further:
+        # the worker thread only reads the future's done flag
+        cancelled = lambda k: owner[k].future.done()  # noqa: E731
         try:
-            results = await loop.run_in_executor(self._executor, self._predict, frames, want_ae, len(batch))
+            results = await loop.run_in_executor(self._executor, self._predict, frames, want_ae, len(batch), cancelled)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -239,13 +243,14 @@ class Batcher:
             if not job.future.done():
                 job.future.set_result(part)
 
-    def _predict(self, frames: list[Frame], atomic_energies: bool, n_requests: int) -> list[dict]:
+    def _predict(self, frames: list[Frame], atomic_energies: bool, n_requests: int, cancelled=None) -> list[dict]:
         """Runs in the worker thread."""
         t0 = time.perf_counter()
-        results = predict_frames(self.model, frames, atomic_energies=atomic_energies, chunk_atoms=self.chunk_atoms)
+        results = predict_frames(self.model, frames, atomic_energies=atomic_energies, chunk_atoms=self.chunk_atoms,
+                                 cancelled=cancelled)
         dt = time.perf_counter() - t0
         atoms = sum(len(f.types) for f in frames)
-        if dt > 0:
+        if dt > 0 and not (cancelled is not None and any(cancelled(k) for k in range(len(frames)))):
             rate = atoms / dt
             self._atoms_per_s = rate if self._atoms_per_s == 0 else 0.8 * self._atoms_per_s + 0.2 * rate
         if self.metrics is not None:

@@ -273,9 +273,14 @@ class DeepPotModel:
         frames: list[Frame],
         atomic_energies: bool = False,
         chunk_atoms: int = 8192,
+        cancelled=None,
     ) -> list[dict]:
         """Energies (eV), forces (N, 3) eV/A, virials (3, 3) eV for a list of frames, in one or a few
         onnxruntime runs (frames are packed together; large frames are split into chunks of centre atoms).
+
+        ``cancelled(k) -> bool``: checked before frame k and before each of its chunks; once true, the rest of
+        frame k is skipped (its numbers are then meaningless: the caller has dropped it, e.g. a request past
+        its deadline), so a huge frame nobody waits for stops within one chunk.
         """
         results = [
             {
@@ -293,6 +298,8 @@ class DeepPotModel:
         if fast:
             from app.physics import kernels
         for fi, f in enumerate(frames):
+            if cancelled is not None and cancelled(fi):
+                continue
             types = np.asarray(f.types, dtype=np.int64)
             if fast:
                 pairs = kernels.pair_list(f.positions, f.cell, f.pbc, self.rcut)
@@ -306,6 +313,8 @@ class DeepPotModel:
                 if self.repulsion is not None:
                     repulsion[fi] = self.repulsion.from_pairs(types, nl.i, nl.j, nl.D, nl.d)
             for chunk in chunks:
+                if cancelled is not None and cancelled(fi):
+                    break
                 pending.append((fi, chunk, types[chunk.start : chunk.stop], j_of_pair))
                 pending_atoms += chunk.stop - chunk.start
                 if pending_atoms >= chunk_atoms:

@@ -70,18 +70,22 @@ def _groups(indices: list[int], frames: list[Frame], max_atoms: int) -> list[lis
 
 
 def predict_frames(model: DeepPotModel, frames: list[Frame], atomic_energies: bool = False,
-                   chunk_atoms: int = 8192) -> list[dict]:
+                   chunk_atoms: int = 8192, cancelled=None) -> list[dict]:
     """Same results as ``model.predict(frames, atomic_energies, chunk_atoms)``, in one predict call, with
-    small isolated frames packed (see the module docstring)."""
+    small isolated frames packed (see the module docstring). ``cancelled(k)``: frame k's caller is gone
+    (see DeepPotModel.predict); honoured for the frames that are not packed (the large ones)."""
     small = [k for k, f in enumerate(frames) if _packable(f)]
     if not small:
-        return model.predict(frames, atomic_energies=atomic_energies, chunk_atoms=chunk_atoms)
+        return model.predict(frames, atomic_energies=atomic_energies, chunk_atoms=chunk_atoms, cancelled=cancelled)
     small_set = set(small)
     others = [k for k in range(len(frames)) if k not in small_set]
     groups = _groups(small, frames, chunk_atoms)
     packs = [_pack([frames[k] for k in g], model.rcut) for g in groups]
     call = [p[0] for p in packs] + [frames[k] for k in others]
-    out = model.predict(call, atomic_energies=True, chunk_atoms=chunk_atoms)
+    skip = None
+    if cancelled is not None:
+        skip = lambda i: i >= len(packs) and cancelled(others[i - len(packs)])  # noqa: E731
+    out = model.predict(call, atomic_energies=True, chunk_atoms=chunk_atoms, cancelled=skip)
     results: list[dict | None] = [None] * len(frames)
     for k, r in zip(others, out[len(packs):], strict=True):
         if not atomic_energies:

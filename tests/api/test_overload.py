@@ -106,3 +106,27 @@ def test_request_past_its_deadline_gets_504_and_leaves_the_queue(tiny_store, mon
         metrics = client.get("/metrics").text
         assert 'dpserve_timeouts_total{model="water-se-tiny/1"} 2.0' in metrics
         assert 'dpserve_queue_depth{model="water-se-tiny/1"} 0.0' in metrics
+
+
+def test_a_running_call_stops_computing_a_frame_past_its_deadline(tiny_store, monkeypatch):
+    """A large frame runs in chunks; once its request got 504, the rest of its chunks are skipped."""
+    with TestClient(create_app(make_settings(tiny_store, request_timeout_s=0.5, batch_wait_ms=0, chunk_atoms=16))) as client:
+        model = client.app.state.service.registry.find(SE)
+        flushes = []
+        original = model._flush
+
+        def slow_flush(*a, **kw):
+            flushes.append(time.perf_counter())
+            time.sleep(0.1)
+            return original(*a, **kw)
+
+        monkeypatch.setattr(model, "_flush", slow_flush)
+        r = post(client, {"model": SE, "frames": [water_box()]})  # 192 atoms: 12 chunks of 16, >= 1.2 s
+        assert r.status_code == 504
+        time.sleep(0.5)  # let the worker notice
+        done = len(flushes)
+        time.sleep(0.5)
+        assert len(flushes) == done  # it has stopped ...
+        assert done < 12  # ... before the end of the frame
+        monkeypatch.undo()
+        assert post(client, {"model": SE, "frames": [water_box()]}).status_code == 200
