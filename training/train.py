@@ -48,6 +48,15 @@ def split_frames(systems, val_fraction: float, seed: int):
     return out
 
 
+def _stairs(total_steps: int, decay_steps: int) -> int:
+    """Stairs of the learning-rate schedule over ``total_steps``. As deepmd-kit's LearningRateExp: a
+    decay_steps not below the total is replaced by 100 (or total // 100 + 1 for short runs), so a short run
+    still decays instead of keeping lr_start to the end."""
+    if decay_steps >= total_steps:
+        decay_steps = 100 if total_steps // 10 > 100 else total_steps // 100 + 1
+    return max(1, total_steps // decay_steps)
+
+
 class _BatchModel(torch.nn.Module):
     """The network applied to a whole batch (energies, forces, virials): what DDP wraps."""
 
@@ -183,10 +192,10 @@ class Trainer:
         frac = self.progress()
         if tc.decay_steps:
             if tc.time_budget_min <= 0:
-                nstairs = max(1, tc.steps // tc.decay_steps)
+                nstairs = _stairs(tc.steps, tc.decay_steps)
             else:
                 if self.nstairs is None and self.step >= 200 and frac > 0:
-                    self.nstairs = max(1, int(self.step / frac) // tc.decay_steps)
+                    self.nstairs = _stairs(int(self.step / frac), tc.decay_steps)
                 nstairs = self.nstairs
             frac = math.floor(frac * nstairs) / nstairs if nstairs else 0.0
         return tc.lr_start * (tc.lr_stop / tc.lr_start) ** frac

@@ -127,3 +127,12 @@ def test_weight_decay_shrinks_weights_towards_zero(tmp_path):
     lr = cfg.training.lr_start
     for b, p in zip(before, tr.net.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), b * (1 - lr * 0.5))
+
+
+def test_short_schedules_still_decay_as_deepmd_kit():
+    from training.train import _stairs
+
+    assert _stairs(30000, 5000) == 6
+    assert _stairs(4000, 5000) == 40  # decay_steps >= total: deepmd-kit's fallback of 100 steps
+    assert _stairs(500, 5000) == 83  # very short: total // 100 + 1 = 6 steps per stair
+    assert _stairs(1, 5000) == 1
