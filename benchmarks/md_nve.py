@@ -8,7 +8,10 @@ Reports, per model:
 * drift over the first 100 fs: max |E_tot(t) - E_tot(0)| per atom (meV/atom);
 * systematic drift over the whole run: slope of a least-squares line through E_tot(t) (meV/atom/ps);
 * the largest jump of E_tot between consecutive steps (meV/atom): the loc_frame descriptor's
-  discontinuities (neighbours crossing rcut, rank swaps, axis swaps) show up here.
+  discontinuities (neighbours crossing rcut, rank swaps, axis swaps) show up here;
+* whether the run stayed physical: it stops early ("unstable_at_ps") once the temperature passes
+  --max-temperature (default 2000 K) or E_tot has moved by more than 1 eV/atom, and the figures above then
+  cover the run up to that point.
 
 Writes benchmarks/results/md_nve_<name>.csv (time, total, potential, kinetic) and a PNG plot of all runs
 in the same invocation, plus a JSON summary.
@@ -37,7 +40,12 @@ def water_atoms():
     return Atoms([tmap[t] for t in types], positions=coord, cell=box, pbc=True)
 
 
-def run(calc, steps: int, dt_fs: float, temperature: float, seed: int, log_every: int = 1):
+class _Unstable(Exception):
+    pass
+
+
+def run(calc, steps: int, dt_fs: float, temperature: float, seed: int, log_every: int = 1,
+        max_temperature: float = 2000.0):
     from ase import units
     from ase.md.velocitydistribution import Stationary, thermalize_momenta
     from ase.md.verlet import VelocityVerlet
@@ -49,16 +57,25 @@ def run(calc, steps: int, dt_fs: float, temperature: float, seed: int, log_every
     dyn = VelocityVerlet(atoms, timestep=dt_fs * units.fs)
     rows = []
 
+    n = len(atoms)
+
     def record():
         ep = atoms.get_potential_energy()
         ek = atoms.get_kinetic_energy()
         rows.append((dyn.nsteps * dt_fs, ep + ek, ep, ek))
+        if ek / (1.5 * n * units.kB) > max_temperature or abs(rows[-1][1] - rows[0][1]) / n > 1.0:
+            raise _Unstable
 
     dyn.attach(record, interval=log_every)
     t0 = time.perf_counter()
-    dyn.run(steps)
+    unstable_at = None
+    try:
+        dyn.run(steps)
+    except _Unstable:
+        unstable_at = rows[-1][0] / 1000.0
+        rows.pop()  # the step that crossed the line is not part of the figures
     wall = time.perf_counter() - t0
-    return np.array(rows), wall
+    return np.array(rows), wall, unstable_at
 
 
 def analyse(rows: np.ndarray, natoms: int) -> dict:
@@ -91,9 +108,10 @@ def plot(results: dict, path: Path):
         ax.plot(t, (rows[:, 1] - rows[0, 1]) / n * 1000, label="total", lw=1.2)
         ax.plot(t, (rows[:, 2] - rows[0, 2]) / n * 1000, label="potential", lw=0.6, alpha=0.7)
         ax.plot(t, (rows[:, 3] - rows[0, 3]) / n * 1000, label="kinetic", lw=0.6, alpha=0.7)
+        stop = f"; UNSTABLE at {summ['unstable_at_ps']:.2f} ps" if summ.get("unstable_at_ps") is not None else ""
         ax.set_title(
             f"{name}: NVE, 192 H2O atoms, 0.5 fs; drift {summ['slope_meV_per_atom_per_ps']:.3f} meV/atom/ps, "
-            f"max step jump {summ['max_step_jump_meV_per_atom']:.3f} meV/atom",
+            f"max step jump {summ['max_step_jump_meV_per_atom']:.3f} meV/atom{stop}",
             fontsize=9,
         )
         ax.set_xlabel("time (ps)")
@@ -114,6 +132,7 @@ def main(argv=None):
     p.add_argument("--dt", type=float, default=0.5, help="time step, fs")
     p.add_argument("--temperature", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-temperature", type=float, default=2000.0, help="stop (unstable) above this, K")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -129,10 +148,12 @@ def main(argv=None):
 
         jobs.append((m, lambda m=m: DPServeCalculator(url=args.url, model=m)))
     for name, make in jobs:
-        rows, wall = run(make(), args.steps, args.dt, args.temperature, args.seed)
+        rows, wall, unstable_at = run(make(), args.steps, args.dt, args.temperature, args.seed,
+                                      max_temperature=args.max_temperature)
         s = analyse(rows, 192)
+        s["unstable_at_ps"] = unstable_at
         s["wall_s"] = round(wall, 2)
-        s["ms_per_step"] = round(1000 * wall / max(args.steps, 1), 3)
+        s["ms_per_step"] = round(1000 * wall / max(len(rows) - 1, 1), 3)
         results[name] = (rows, s)
         summary[name] = s
         np.savetxt(
