@@ -305,8 +305,8 @@ class DeepPotModel:
                 pairs = kernels.pair_list(f.positions, f.cell, f.pbc, self.rcut)
                 chunks, j_of_pair = kernels.chunks(self.descriptor, pairs, types, chunk_atoms), None
                 if self.repulsion is not None:  # from the model's own pair list (its cutoff is larger)
-                    centre = np.repeat(np.arange(len(types)), np.diff(pairs.start))
-                    repulsion[fi] = self.repulsion.from_pairs(types, centre, pairs.j, pairs.D)
+                    centres = lambda p, s=pairs.start: np.searchsorted(s, p, side="right") - 1  # noqa: E731
+                    repulsion[fi] = self.repulsion.from_pairs(types, centres, pairs.j, pairs.D)
             else:
                 nl = neighbor_list(f.positions, f.cell, f.pbc, self.rcut)
                 chunks, j_of_pair = self.descriptor.chunks(nl, types, chunk_atoms), nl.j

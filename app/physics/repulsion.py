@@ -89,19 +89,25 @@ class PairRepulsion:
 
     def from_pairs(self, types, i, j, D, d=None):
         """The same from a full pair list (each pair twice; D = r_j - r_i with images) of any cutoff >=
-        ``self.cutoff``, e.g. the model's own."""
+        ``self.cutoff``, e.g. the model's own. ``i``: the centres, or a function giving the centres of given
+        pair indices (a list grouped by centre need not expand them all)."""
         types = np.asarray(types, dtype=np.int64)
         n = len(types)
         e_at, forces, virial = np.zeros(n), np.zeros((n, 3)), np.zeros((3, 3))
-        if len(i) == 0 or self.cutoff <= 0:
+        if len(j) == 0 or self.cutoff <= 0:
             return e_at, forces, virial
-        if d is None:
-            d = np.sqrt(np.einsum("px,px->p", D, D))
+        # candidates within the largest r_outer first (cheap on the full list), then per element pair
+        d2 = np.einsum("px,px->p", D, D) if d is None else d * d
+        cand = np.flatnonzero(d2 < self.cutoff * self.cutoff)
+        if len(cand) == 0:
+            return e_at, forces, virial
+        i = i(cand) if callable(i) else i[cand]
+        j, D, r = j[cand], D[cand], np.sqrt(d2[cand])
         ti, tj = types[i], types[j]
-        close = d < self.r_out[ti, tj]
+        close = r < self.r_out[ti, tj]
         if not close.any():
             return e_at, forces, virial
-        i, j, D, r = i[close], j[close], D[close], d[close]
+        i, j, D, r = i[close], j[close], D[close], r[close]
         ti, tj = ti[close], tj[close]
         e, de = zbl(r, self.z[ti], self.z[tj])
         s, ds = smoothstep(r, self.r_in[ti, tj], self.r_out[ti, tj])
