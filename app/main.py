@@ -27,8 +27,23 @@ JSON or msgpack (large systems). See docs/api.md."""
 log = logging.getLogger(__name__)
 
 
+def limit_malloc_arenas(n: int) -> bool:
+    """glibc's mallopt(M_ARENA_MAX, n) for the arenas created from now on (the worker threads start in the
+    lifespan, after this); False where there is no glibc (musl, macOS) or n == 0."""
+    if n <= 0:
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-8, int(n)))  # M_ARENA_MAX = -8 in malloc.h
+    except (OSError, AttributeError):
+        return False
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    limit_malloc_arenas(settings.malloc_arena_max)
     metrics = Metrics()
 
     @asynccontextmanager
