@@ -275,6 +275,10 @@ class ModelInfo(BaseModel):
     versions: list[str] = Field(default_factory=list, description="all loaded versions of this name")
     providers: list[str] = Field(default_factory=list, description="onnxruntime execution providers in use, "
                                  "first = preferred (CUDAExecutionProvider on a GPU)")
+    compressed: dict | None = Field(None, description="se_e2_a served with tabulated embeddings (DPSERVE_COMPRESSION): "
+                                    "stride, bins, x_max, r_min_A, table_max_rel_error; null: the full graph")
+    repulsion: dict | None = Field(None, description="ZBL repulsion below the training data's closest pairs: "
+                                   "{type, pairs: {'A-B': [r_inner, r_outer]} in A, closest_in_training_data}; null: none")
 
 
 class RefusedModel(BaseModel):

@@ -104,3 +104,11 @@ def test_missing_store_serves_health_but_is_not_ready(tmp_path):
     with TestClient(create_app(make_settings(tmp_path / "nowhere"))) as client:
         assert client.get("/health").json() == {"status": "ok"}
         assert client.get("/ready").status_code == 503
+
+
+def test_models_show_compression_and_repulsion(client):
+    models = {m["name"]: m for m in client.get("/models").json()["models"]}
+    se = models["water-se-tiny"]
+    assert se["compressed"]["table_max_rel_error"] < 1e-7 and se["compressed"]["bins"] > 0
+    assert se["repulsion"]["type"] == "zbl" and "O-H" in se["repulsion"]["pairs"]
+    assert models["water-locframe-tiny"]["compressed"] is None  # loc_frame has no tables
