@@ -25,6 +25,8 @@ from app.inference.model import DeepPotModel, Frame
 from app.physics.neighbors import closest_pair, estimate_neighbours
 from app.schemas import PredictRequest
 
+_COINCIDENT = 1e-6  # Angstrom: closer than this is refused whatever min_distance says
+
 __all__ = ["check_sizes", "to_frames", "known_elements"]
 
 _DEGENERATE = 1e-6  # |det| / (|a||b||c|) below this: the lattice vectors are (nearly) linearly dependent
@@ -155,16 +157,17 @@ def to_frames(req: PredictRequest, model: DeepPotModel, settings: Settings) -> l
                              f"{model.rcut:g} Angstrom, more than max_neighbours_per_atom = "
                              f"{settings.max_neighbours_per_atom} (liquid water has about 90 at 6 Angstrom); are the "
                              "positions and the cell in Angstrom?")
-        if settings.min_distance > 0:
-            pair = closest_pair(pos, cell, pbc, settings.min_distance)
-            if pair is not None:
-                i, j, d = pair
-                if i == j:
-                    msg = (f"atom {i} is {d:.3g} Angstrom from its own periodic image, closer than min_distance = "
-                           f"{settings.min_distance:g} Angstrom: the cell is too small")
-                    raise InputError(("frames", k, "cell"), msg)
-                raise InputError(("frames", k, "positions"),
-                                 f"atoms {min(i, j)} and {max(i, j)} are {d:.3g} Angstrom apart, closer than "
-                                 f"min_distance = {settings.min_distance:g} Angstrom (atoms on top of each other)")
+        # coincident atoms are refused even with min_distance = 0: every descriptor divides by the distance
+        min_d = max(settings.min_distance, _COINCIDENT)
+        pair = closest_pair(pos, cell, pbc, min_d)
+        if pair is not None:
+            i, j, d = pair
+            if i == j:
+                msg = (f"atom {i} is {d:.3g} Angstrom from its own periodic image, closer than min_distance = "
+                       f"{min_d:g} Angstrom: the cell is too small")
+                raise InputError(("frames", k, "cell"), msg)
+            raise InputError(("frames", k, "positions"),
+                             f"atoms {min(i, j)} and {max(i, j)} are {d:.3g} Angstrom apart, closer than "
+                             f"min_distance = {min_d:g} Angstrom (atoms on top of each other)")
         frames.append(Frame(types=types, positions=pos, cell=cell, pbc=pbc))
     return frames

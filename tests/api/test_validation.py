@@ -168,3 +168,15 @@ def test_one_bad_frame_fails_only_its_request(limited):
 def test_unknown_model_on_models_route_is_404(limited):
     r = limited.get("/models/nope")
     assert r.status_code == 404 and "water-se-tiny/1" in message(r)
+
+
+def test_coincident_atoms_are_refused_even_without_a_min_distance(tiny_store):
+    """With min_distance = 0 every distance is allowed, except none at all (the descriptors divide by it)."""
+    with TestClient(create_app(make_settings(tiny_store, min_distance=0.0))) as client:
+        close = frame(species=["O", "H", "H"], positions=[[0, 0, 0], [0.05, 0, 0], [-0.24, 0.93, 0]])
+        ok = client.post("/predict", json={"frames": [close]})
+        assert ok.status_code == 200  # 0.05 A is allowed here, and finite (NaN would come back as null)
+        assert np.isfinite(ok.json()["results"][0]["energy"]) and np.isfinite(ok.json()["results"][0]["forces"]).all()
+        same = frame(species=["O", "H", "H"], positions=[[0, 0, 0], [0, 0, 0], [-0.24, 0.93, 0]])
+        r = client.post("/predict", json={"frames": [same]})
+        assert r.status_code == 422 and "atoms 0 and 1" in message(r) and "on top of each other" in message(r)
