@@ -35,6 +35,7 @@ USER dpserve
 # OpenMP threading layer (thread-safe: models called from several threads at once).
 ENV DPSERVE_MODEL_STORE=/models \
     DPSERVE_DEVICE=auto \
+    MALLOC_ARENA_MAX=2 \
     NUMBA_CACHE_DIR=/tmp/numba-cache
 EXPOSE 8000
 

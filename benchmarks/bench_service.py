@@ -106,7 +106,8 @@ class Server:
     def __init__(self, store: Path, log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "DPSERVE_MODEL_STORE": str(store)}
+        # as `dpserve serve` and the Docker image run it (glibc arenas: see app/cli.py)
+        env = {"MALLOC_ARENA_MAX": "2", **os.environ, "DPSERVE_MODEL_STORE": str(store)}
         self.log = open(log, "w")  # noqa: SIM115 (closed in __exit__)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
