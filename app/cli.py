@@ -21,13 +21,16 @@ def _serve(args) -> int:
     # glibc reads MALLOC_ARENA_MAX only at process start: set it and start again, so every thread (also those
     # onnxruntime and numba create at import) shares few arenas. 300 s of mixed load: RSS flat (-12 MB/min)
     # this way, still creeping (+89 MB/min) with only the in-app mallopt of app.main.limit_malloc_arenas.
-    if "MALLOC_ARENA_MAX" not in os.environ and sys.platform.startswith("linux"):
+    # Only when started from the command line (`dpserve serve ...`, `python -m app.cli serve ...`): a program
+    # that calls main(["serve", ...]) itself keeps its process (and gets app.main's in-app mallopt only).
+    if "MALLOC_ARENA_MAX" not in os.environ and sys.platform.startswith("linux") and sys.argv[1:2] == ["serve"]:
         from app.core.config import get_settings
 
         n = get_settings().malloc_arena_max
         if n > 0:
             os.environ["MALLOC_ARENA_MAX"] = str(n)
-            os.execv(sys.executable, [sys.executable, *sys.argv])
+            as_module = sys.argv[0].replace("\\", "/").endswith("app/cli.py")
+            os.execv(sys.executable, [sys.executable, *(["-m", "app.cli"] if as_module else sys.argv[:1]), *sys.argv[1:]])
     # On SIGTERM or SIGINT uvicorn shuts down gracefully (stops accepting connections, lets in-flight requests
     # finish, runs the lifespan shutdown that drains the batchers), then raises the signal again with the
     # handler that was in place before it started. This one turns that into exit status 0; SIGHUP reloads
