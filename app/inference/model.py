@@ -143,15 +143,7 @@ class DeepPotModel:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelLoadError(f"{mpath}: not valid JSON ({e})") from e
         _validate_manifest(manifest, mpath)
-        onnx_path = directory / manifest["onnx"]["file"]
-        if not onnx_path.is_file():
-            raise ModelLoadError(f"{directory}: ONNX file {manifest['onnx']['file']!r} is missing")
-        digest = sha256_file(onnx_path)
-        if digest != manifest["onnx"]["sha256"]:
-            raise ModelLoadError(
-                f"{onnx_path}: checksum mismatch (manifest says sha256 {manifest['onnx']['sha256'][:12]}..., "
-                f"file has {digest[:12]}...): refusing a model that is not the one exported"
-            )
+        onnx_path = _verified_file(directory, manifest["onnx"]["file"], manifest["onnx"]["sha256"], "ONNX file")
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -371,6 +363,18 @@ class DeepPotModel:
             accumulate_forces_virial(chunk.slots, chunk.start, j_of_pair, dEdr, res["forces"], res["virial"])
 
 
+def _verified_file(directory: Path, name: str, sha256: str, what: str) -> Path:
+    """``directory / name``, refused (ModelLoadError) when missing or when its sha256 is not the manifest's."""
+    path = directory / name
+    if not path.is_file():
+        raise ModelLoadError(f"{directory}: {what} {name!r} named by the manifest is missing")
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise ModelLoadError(f"{path}: checksum mismatch (manifest says sha256 {sha256[:12]}..., file has "
+                             f"{digest[:12]}...): refusing a model that is not the one exported")
+    return path
+
+
 def _load_compressed(directory: Path, manifest: dict, opts, providers, use: bool, model, stride: float, r_min: float):
     """Verify the compressed files of an se_e2_a model; build its tables when ``use``."""
     comp = manifest["compression"]
@@ -382,13 +386,7 @@ def _load_compressed(directory: Path, manifest: dict, opts, providers, use: bool
     if manifest["descriptor"]["type"] != "se_e2_a":
         raise ModelLoadError(f"{directory}: a 'compression' section is only valid for se_e2_a models")
     for k, fname in files.items():
-        path = directory / fname
-        if not path.is_file():
-            raise ModelLoadError(f"{directory}: compressed {k} file {fname!r} named by the manifest is missing")
-        digest = sha256_file(path)
-        if digest != sums[k]:
-            raise ModelLoadError(f"{path}: checksum mismatch (manifest says sha256 {sums[k][:12]}..., file has "
-                                 f"{digest[:12]}...): refusing a model that is not the one exported")
+        _verified_file(directory, fname, sums[k], f"compressed {k} file")
     if not use or model.physics_backend != "numba":
         return None
     import onnxruntime as ort
