@@ -108,22 +108,13 @@ def _group_pairs(i, j, D, natoms, js, Ds):
 
 @njit(**_JIT)
 def _dense_pairs(pos, cutoff):
-    """Full pair list of an isolated frame by checking all pairs: D = r_j - r_i, as vesin computes it."""
+    """Full pair list of an isolated frame by checking all pairs: D = r_j - r_i, as vesin computes it.
+    One pass in centre order into buffers sized for every pair (n <= _DENSE_PAIRS_MAX keeps them small)."""
     n = pos.shape[0]
     c2 = cutoff * cutoff
-    count = np.zeros(n + 1, np.int64)
-    for a in range(n):
-        for b in range(n):
-            if a != b:
-                dx = pos[b, 0] - pos[a, 0]
-                dy = pos[b, 1] - pos[a, 1]
-                dz = pos[b, 2] - pos[a, 2]
-                if dx * dx + dy * dy + dz * dz < c2:
-                    count[a + 1] += 1
-    for a in range(n):
-        count[a + 1] += count[a]
-    js = np.empty(count[n], np.int64)
-    Ds = np.empty((count[n], 3))
+    start = np.zeros(n + 1, np.int64)
+    js = np.empty(n * (n - 1), np.int64)
+    Ds = np.empty((n * (n - 1), 3))
     q = 0
     for a in range(n):
         for b in range(n):
@@ -135,7 +126,8 @@ def _dense_pairs(pos, cutoff):
                     js[q] = b
                     Ds[q, 0], Ds[q, 1], Ds[q, 2] = dx, dy, dz
                     q += 1
-    return count, js, Ds
+        start[a + 1] = q
+    return start, js[:q].copy(), Ds[:q].copy()
 
 
 _DENSE_PAIRS_MAX = 64  # isolated frames up to this many atoms: all pairs directly, no cell list
