@@ -148,11 +148,14 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @njit(inline="always", cache=True)
-def _slot(R, std, i, k, inv_h, stride, nbins):
-    """Normalised row (x, r1, r2, r3) of slot k of atom i, its table bin and the offset in it."""
+def _slot(R, std, i, k, coef, tt, inv_h, stride, nbins):
+    """Normalised row (x, r1, r2, r3) of slot k of atom i, the offset u of x in its table bin, and that bin's
+    six coefficient rows c0..c5 (each (M1,)) of neighbour element tt."""
     x = R[i, k, 0] / std[k, 0]
     b = min(int(x * inv_h), nbins - 1)
-    return x, R[i, k, 1] / std[k, 1], R[i, k, 2] / std[k, 2], R[i, k, 3] / std[k, 3], b, x - b * stride
+    cb = coef[tt, b]
+    return (x, R[i, k, 1] / std[k, 1], R[i, k, 2] / std[k, 2], R[i, k, 3] / std[k, 3], x - b * stride,
+            cb[0], cb[1], cb[2], cb[3], cb[4], cb[5])
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
@@ -174,14 +177,8 @@ def _tab_forward(R, std, slot_type, coef, g_end, dg_end, stride, x_max, inv_nslo
             if s == 0.0:
                 continue
             tt = slot_type[k]
-            x, r1, r2, r3, b, u = _slot(R, std, i, k, inv_h, stride, nbins)
+            x, r1, r2, r3, u, c0, c1, c2, c3, c4, c5 = _slot(R, std, i, k, coef, tt, inv_h, stride, nbins)
             if x < x_max:
-                c0 = coef[tt, b, 0]
-                c1 = coef[tt, b, 1]
-                c2 = coef[tt, b, 2]
-                c3 = coef[tt, b, 3]
-                c4 = coef[tt, b, 4]
-                c5 = coef[tt, b, 5]
                 for m in range(m1):
                     g = ((((c5[m] * u + c4[m]) * u + c3[m]) * u + c2[m]) * u + c1[m]) * u + c0[m]
                     T0[m] += g * x
@@ -240,19 +237,13 @@ def _tab_backward(R, std, slot_type, coef, g_end, dg_end, stride, x_max, inv_nsl
                 gR[i, k, 3] = 0.0
                 continue
             tt = slot_type[k]
-            x, r1, r2, r3, b, u = _slot(R, std, i, k, inv_h, stride, nbins)
+            x, r1, r2, r3, u, c0, c1, c2, c3, c4, c5 = _slot(R, std, i, k, coef, tt, inv_h, stride, nbins)
             a0 = 0.0
             a1 = 0.0
             a2 = 0.0
             a3 = 0.0
             ax = 0.0
             if x < x_max:
-                c0 = coef[tt, b, 0]
-                c1 = coef[tt, b, 1]
-                c2 = coef[tt, b, 2]
-                c3 = coef[tt, b, 3]
-                c4 = coef[tt, b, 4]
-                c5 = coef[tt, b, 5]
                 for m in range(m1):
                     g = ((((c5[m] * u + c4[m]) * u + c3[m]) * u + c2[m]) * u + c1[m]) * u + c0[m]
                     dg = (((5.0 * c5[m] * u + 4.0 * c4[m]) * u + 3.0 * c3[m]) * u + 2.0 * c2[m]) * u + c1[m]
