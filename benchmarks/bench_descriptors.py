@@ -76,6 +76,17 @@ def make_descriptor(kind: str):
     raise SystemExit(f"unknown descriptor {kind!r}; allowed: se_e2_a, loc_frame")
 
 
+def _timed(chunks, clock: dict, key: str):
+    """Yield from ``chunks``, adding the time spent producing each item (the descriptor work) to clock[key]."""
+    while True:
+        t = time.perf_counter()
+        ch = next(chunks, None)
+        clock[key] += time.perf_counter() - t
+        if ch is None:
+            return
+        yield ch
+
+
 def _time_numpy(desc, positions, cell, types, g_full, chunk_size):
     from app.physics.forces import accumulate_forces_virial
     from app.physics.neighbors import neighbor_list
@@ -84,14 +95,9 @@ def _time_numpy(desc, positions, cell, types, g_full, chunk_size):
     nl = neighbor_list(positions, cell, [True] * 3, desc.rcut)
     t_nl = time.perf_counter() - w0
     forces, virial = np.zeros_like(positions), np.zeros((3, 3))
-    t_desc = t_vjp = t_asm = 0.0
-    chunks = desc.chunks(nl, types, chunk_size)
-    while True:
-        t = time.perf_counter()
-        ch = next(chunks, None)
-        t_desc += time.perf_counter() - t
-        if ch is None:
-            break
+    t_vjp = t_asm = 0.0
+    clock = {"desc": 0.0}
+    for ch in _timed(desc.chunks(nl, types, chunk_size), clock, "desc"):
         g = g_full[: ch.stop - ch.start]
         t = time.perf_counter()
         dEdr = desc.vjp(ch, g)
@@ -100,7 +106,7 @@ def _time_numpy(desc, positions, cell, types, g_full, chunk_size):
         accumulate_forces_virial(ch.slots, ch.start, nl.j, dEdr, forces, virial)
         t_asm += time.perf_counter() - t
         del ch, dEdr
-    return len(nl), dict(nl=t_nl, desc=t_desc, vjp=t_vjp, asm=t_asm)
+    return len(nl), dict(nl=t_nl, desc=clock["desc"], vjp=t_vjp, asm=t_asm)
 
 
 def _time_numba(desc, positions, cell, types, g_full, chunk_size):
@@ -110,20 +116,15 @@ def _time_numba(desc, positions, cell, types, g_full, chunk_size):
     pairs = kernels.pair_list(positions, cell, [True] * 3, desc.rcut)
     t_nl = time.perf_counter() - w0
     forces, virial = np.zeros_like(positions), np.zeros((3, 3))
-    t_desc = t_vjp = 0.0
-    chunks = kernels.chunks(desc, pairs, types, chunk_size)
-    while True:
-        t = time.perf_counter()
-        ch = next(chunks, None)
-        t_desc += time.perf_counter() - t
-        if ch is None:
-            break
+    t_vjp = 0.0
+    clock = {"desc": 0.0}
+    for ch in _timed(kernels.chunks(desc, pairs, types, chunk_size), clock, "desc"):
         g = g_full[: ch.stop - ch.start]
         t = time.perf_counter()
         kernels.vjp_assemble(ch, g, forces, virial)  # VJP fused with the assembly
         t_vjp += time.perf_counter() - t
         del ch
-    return len(pairs), dict(nl=t_nl, desc=t_desc, vjp=t_vjp, asm=0.0)
+    return len(pairs), dict(nl=t_nl, desc=clock["desc"], vjp=t_vjp, asm=0.0)
 
 
 def worker(backend: str, kind: str, natoms: int, repeats: int, chunk_size: int) -> dict:
