@@ -105,3 +105,23 @@ def test_exported_model_carries_repulsion_only_below_its_data(tiny_store):
                 p[a, x] += s * h
                 es.append(model.predict([Frame(types, p)])[0]["energy"])
             assert -(es[0] - es[1]) / (2 * h) == pytest.approx(r["forces"][a, x], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("pairs,fragment", [
+    ({"O-H": [0.8, 0.5]}, "bad repulsion section"),
+    ({"O-X": [0.5, 0.8]}, "bad repulsion section"),
+    ({"O-H": [0.5, 7.0]}, "beyond the model's cutoff"),
+])
+def test_a_manifest_with_a_bad_repulsion_is_refused_with_the_reason(tiny_store, tmp_path, pairs, fragment):
+    import json
+    import shutil
+
+    from app.inference.model import DeepPotModel, ModelLoadError
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_store / "water-se-tiny" / "1", d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["repulsion"] = {"type": "zbl", "pairs": pairs}
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelLoadError, match=fragment):
+        DeepPotModel.load(d, device="cpu")
