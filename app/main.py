@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app.api.errors import install_error_handlers
+from app.api.fastpath import PredictFastPath
 from app.api.main import api_router
 from app.core.config import Settings, get_settings
 from app.core.metrics import Metrics, MetricsMiddleware
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # FastAPI re-analyses on every request (py-spy: 14% of the event loop under many small requests)
     app.include_router(api_router)
     install_error_handlers(app)
+    app.add_middleware(PredictFastPath)  # added first: innermost, inside CORS and the metrics
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept"],

@@ -24,7 +24,8 @@ from app.core.metrics import Metrics
 from app.inference.registry import ModelRegistry
 from app.inference.service import PredictionService
 
-__all__ = ["SettingsDep", "RegistryDep", "ServiceDep", "MetricsDep", "require_admin", "require_api_key"]
+__all__ = ["SettingsDep", "RegistryDep", "ServiceDep", "MetricsDep", "require_admin", "require_api_key",
+           "check_api_key", "bearer_token"]
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,25 @@ async def require_admin(request: Request, settings: SettingsDep, bearer: BearerD
         raise ServiceError(403, "invalid admin token")
 
 
-async def require_api_key(request: Request, settings: SettingsDep, bearer: BearerDep, key: ApiKeyDep) -> None:
+def check_api_key(settings: Settings, given: str | None, client: str) -> None:
+    """Raise the 401/403 of /predict for a missing or wrong API key (nothing when api_keys is unset)."""
     if not settings.api_keys:
         return
-    given = key if key is not None else (bearer.credentials if bearer is not None else None)
     if given is None:
         raise ServiceError(401, "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
     if not _matches(given, settings.api_keys):
-        log.warning("/predict request from %s with an invalid API key refused", _client(request))
+        log.warning("/predict request from %s with an invalid API key refused", client)
         raise ServiceError(403, "invalid API key")
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The credentials of an 'Authorization: Bearer <token>' header (None otherwise, as HTTPBearer)."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+async def require_api_key(request: Request, settings: SettingsDep, bearer: BearerDep, key: ApiKeyDep) -> None:
+    given = key if key is not None else (bearer.credentials if bearer is not None else None)
+    check_api_key(settings, given, _client(request))

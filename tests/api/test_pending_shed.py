@@ -9,7 +9,6 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from starlette.requests import ClientDisconnect
 
 from app.main import create_app
 
@@ -149,7 +148,7 @@ def test_timed_out_request_gives_its_reservation_back(tiny_store, monkeypatch):
 
 
 def test_client_disconnect_mid_body_gives_its_reservation_back(tiny_store):
-    """The client goes away after part of its body: the route fails (ClientDisconnect) and releases."""
+    """The client goes away after part of its body: the request ends without an answer and releases."""
     with TestClient(create_app(make_settings(tiny_store))) as client:
         seen: list = []
         messages = iter([{"type": "http.request", "body": b'{"frames": [', "more_body": True},
@@ -159,15 +158,17 @@ def test_client_disconnect_mid_body_gives_its_reservation_back(tiny_store):
             seen.append(_counters(client))
             return next(messages)
 
+        sent: list = []
+
         async def send(message):
-            pass
+            sent.append(message)
 
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
                  "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
                  "root_path": "", "client": ("testclient", 50000), "server": ("testserver", 80),
                  "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
                              (b"content-length", b"1000")]}
-        with pytest.raises(ClientDisconnect):
-            client.portal.call(client.app, scope, receive, send)
+        client.portal.call(client.app, scope, receive, send)
         assert seen == [(1, 1000), (1, 1000)]  # held the declared length while reading
         assert _counters(client) == (0, 0)
+        assert sent == []  # nobody to answer

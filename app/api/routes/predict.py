@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
+
 from fastapi import APIRouter, Depends, Request, Response
 
 from app.api.deps import ServiceDep, SettingsDep, require_api_key
 from app.codec import MSGPACK, is_msgpack
+from app.core.config import Settings
 from app.core.errors import ServiceError
-from app.inference.service import Pending
+from app.inference.service import Pending, PredictionService
 from app.schemas import ErrorResponse, PredictResponse, predict_examples
 
 router = APIRouter(tags=["predict"])
@@ -49,29 +52,37 @@ def _too_big(limit: int) -> ServiceError:
                         "split the request, or use msgpack with raw arrays")
 
 
-def declared_length(request: Request, limit: int) -> int | None:
-    """The request's Content-Length (None if absent or malformed), refused with 413 beyond ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is None or not declared.isdigit():
+def declared_length(value: str | None, limit: int) -> int | None:
+    """A Content-Length header's value (None if absent or malformed), refused with 413 beyond ``limit``."""
+    if value is None or not value.isdigit():
         return None
-    if int(declared) > limit:
+    if int(value) > limit:
         raise _too_big(limit)
-    return int(declared)
+    return int(value)
 
 
-async def read_body(request: Request, limit: int, pending: Pending | None = None) -> bytes:
+async def read_body(chunks: AsyncIterator[bytes], limit: int, pending: Pending | None = None) -> bytes:
     """The request body, refused with 413 as soon as it exceeds ``limit`` bytes. With ``pending``, the bytes
     received are held in the server's pending bytes as they arrive (503 beyond max_pending_body_bytes)."""
-    declared_length(request, limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    parts, size = [], 0
+    async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise _too_big(limit)
         if pending is not None:
             pending.hold(size)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def handle_predict(service: PredictionService, settings: Settings, headers: Mapping[str, str],
+                         chunks: AsyncIterator[bytes]) -> tuple[bytes, str]:
+    """One /predict request from its headers (lower-case names) and body chunks: (response body, media type).
+    Shared by the route below and the ASGI fast path (:mod:`app.api.fastpath`) that serves it in production."""
+    # admitted against the server-wide pending bounds before the body is read, held until the answer
+    with service.admit(declared_length(headers.get("content-length"), settings.max_body_bytes) or 0) as pending:
+        body = await read_body(chunks, settings.max_body_bytes, pending)
+        return await service.predict(body, headers.get("content-type"), is_msgpack(headers.get("accept")))
 
 
 @router.post(
@@ -88,9 +99,5 @@ async def predict(request: Request, service: ServiceDep, settings: SettingsDep) 
     (6,) eV/A^3 for periodic 3D cells and atomic_energies (N,) eV on request. Concurrent requests are
     batched into one model call; results do not depend on it. ``model`` may name an ensemble: then the
     members' mean and their model deviation (DP-GEN's) come back."""
-    # admitted against the server-wide pending bounds before the body is read, held until the answer
-    with service.admit(declared_length(request, settings.max_body_bytes) or 0) as pending:
-        body = await read_body(request, settings.max_body_bytes, pending)
-        content, media_type = await service.predict(body, request.headers.get("content-type"),
-                                                    is_msgpack(request.headers.get("accept")))
+    content, media_type = await handle_predict(service, settings, request.headers, request.stream())
     return Response(content, media_type=media_type)
