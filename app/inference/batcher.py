@@ -70,6 +70,7 @@ class Batcher:
         self.max_batch_atoms = max_batch_atoms
         self.chunk_atoms = chunk_atoms
         self.metrics = metrics
+        self._depth = metrics.queue_depth.labels(self.label) if metrics is not None else None  # labels() once
         self.incoming = incoming
         self.max_queue_requests = max_queue_requests
         self.max_queue_atoms = max_queue_atoms
@@ -171,8 +172,8 @@ class Batcher:
             raise
 
     def _gauge(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.labels(self.label).set(len(self._jobs))
+        if self._depth is not None:
+            self._depth.set(len(self._jobs))
 
     def _queued_atoms(self) -> int:
         return sum(j.atoms for j in self._jobs)
