@@ -158,7 +158,7 @@ def _slot(R, std, i, k, coef, tt, inv_h, stride, nbins):
             cb[0], cb[1], cb[2], cb[3], cb[4], cb[5])
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)  # nogil: the event loop runs meanwhile
 def _tab_forward(R, std, slot_type, coef, g_end, dg_end, stride, x_max, inv_nslot, m2, T, D):
     """R (n, nslot, 4) raw environment rows -> T (n, 4, M1) (= (G^T R / nslot)^T), D (n, M1*M2)."""
     n, nslot, _ = R.shape
@@ -204,7 +204,7 @@ def _tab_forward(R, std, slot_type, coef, g_end, dg_end, stride, x_max, inv_nslo
                 Di[m * m2 + p] = T0[m] * T0[p] + T1[m] * T1[p] + T2[m] * T2[p] + T3[m] * T3[p]
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)  # nogil: the event loop runs meanwhile
 def _tab_backward(R, std, slot_type, coef, g_end, dg_end, stride, x_max, inv_nslot, m2, T, gD, gR):
     """dE/dD (n, M1*M2) -> dE/dR (n, nslot, 4) (raw rows; empty slots get 0)."""
     n, nslot, _ = R.shape

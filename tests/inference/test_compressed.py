@@ -109,3 +109,21 @@ def test_damaged_compression_files_refuse_the_model(tiny_store, tmp_path, damage
         DeepPotModel.load(d, device="cpu")
     with pytest.raises(ModelLoadError, match="checksum mismatch"):  # verified even when not used
         DeepPotModel.load(d, device="cpu", compression="off")
+
+
+def test_every_kernel_the_server_calls_releases_the_gil():
+    """A model call runs in a worker thread; a kernel holding the GIL stalls the event loop (/health, request
+    parsing) for its whole duration. Every compiled entry point must be nogil (inline helpers compile into
+    their callers)."""
+    import numba
+
+    from app.inference import compressed
+    from app.physics import kernels
+
+    checked = []
+    for mod in (compressed, kernels):
+        for name, f in vars(mod).items():
+            if isinstance(f, numba.core.registry.CPUDispatcher) and f.targetoptions.get("inline") != "always":
+                assert f.targetoptions.get("nogil") is True, f"{mod.__name__}.{name} holds the GIL"
+                checked.append(name)
+    assert {"_tab_forward", "_tab_backward", "_se_a_vjp", "_loc_frame_env"} <= set(checked)
