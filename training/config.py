@@ -57,6 +57,7 @@ class DataConfig:
 class TrainingConfig:
     steps: int = 100000  # optimiser steps (the schedule runs over these, or over time_budget_min if set)
     time_budget_min: float = 0.0  # > 0: train for this many minutes of wall clock; the schedule follows time
+    stop_step: int = 0  # > 0: end the run at this step, before the schedule is over (the schedule is unchanged)
     batch_frames: int = 1  # frames per step (water: 1 frame of 192 atoms; small molecules: more)
     batch_atoms: int = 0  # > 0: add frames to a batch until it holds at least this many atoms
     lr_start: float = 1.0e-3  # Adam learning rate at the start
@@ -148,13 +149,27 @@ def config_from_dict(d: dict) -> Config:
 
 
 def load_config(path) -> Config:
+    """Read a TOML config, or a YAML one (``.yaml``/``.yml``), with the same sections and fields."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config is a mapping of sections (descriptor, network, data, training), "
+                              f"got {type(raw).__name__}")
+    else:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from e
     base = path.parent
     cfg = config_from_dict(raw)
     # relative data paths are relative to the config file

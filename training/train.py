@@ -21,6 +21,9 @@ import csv
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -278,9 +281,34 @@ class Trainer:
 
             bar = tqdm(total=total if total else int(60 * tc.time_budget_min), initial=self.step if total else int(self.elapsed),
                        unit="step" if total else "s", dynamic_ncols=True, mininterval=1.0)
+        # ranks of a DDP run must stop at the same step: there torchrun's signal handling stays as it is
+        stop = _GracefulStop() if self.world == 1 else contextlib.nullcontext(None)
+        with stop as signalled:
+            self._loop(bar, signalled)
+        if bar is not None:
+            bar.close()
+        if self.world > 1:
+            self._check_ranks_agree()
+        if self.rank == 0:
+            self.save()
+            self.plot()
+        if signalled is not None and signalled.name:
+            self.log(f"{signalled.name}: stopped at step {self.step} ({self.elapsed / 60:.1f} min trained); "
+                     f"checkpoint and plots written; continue with --resume {self.out / 'checkpoint.pt'}")
+        if self.world > 1:
+            dist.barrier()
+        return self.rows[-1] if self.rows else {}
+
+    def finished(self) -> bool:
+        """The schedule is over, or the run reached ``stop_step``."""
+        tc = self.cfg.training
+        return self.progress() >= 1.0 or (tc.stop_step > 0 and self.step >= tc.stop_step)
+
+    def _loop(self, bar, signalled) -> None:
+        tc = self.cfg.training
         last = time.perf_counter()
         acc = dict(loss=0.0, le=0.0, lf=0.0, n=0)
-        while self.progress() < 1.0:
+        while not self.finished() and not (signalled is not None and signalled.name):
             lr = self.lr()
             for g in self.opt.param_groups:
                 g["lr"] = lr
@@ -303,13 +331,14 @@ class Trainer:
                 dist.broadcast(t, 0)
                 self.elapsed = float(t)
             if bar is not None:
-                bar.update(1 if total else int(self.elapsed) - bar.n)
+                bar.update(1 if tc.time_budget_min <= 0 else int(self.elapsed) - bar.n)
             last = now
             acc["loss"] += loss.item()
             acc["le"] += parts["le"]
             acc["lf"] += parts["lf"]
             acc["n"] += 1
-            if self.rank == 0 and (self.step % tc.val_every == 0 or self.progress() >= 1.0):
+            last_step = self.finished() or (signalled is not None and bool(signalled.name))
+            if self.rank == 0 and (self.step % tc.val_every == 0 or last_step):
                 row = dict(step=self.step, elapsed_s=round(self.elapsed, 2), lr=lr, loss=acc["loss"] / acc["n"],
                            rmse_e_trn=math.sqrt(acc["le"] / acc["n"] / float(np.mean(b.natoms))) if acc["n"] else float("nan"),
                            rmse_f_trn=math.sqrt(acc["lf"] / acc["n"]))
@@ -325,16 +354,6 @@ class Trainer:
                 last = time.perf_counter()  # validation time is not training time
             if self.rank == 0 and self.step % tc.checkpoint_every == 0:
                 self.save()
-        if bar is not None:
-            bar.close()
-        if self.world > 1:
-            self._check_ranks_agree()
-        if self.rank == 0:
-            self.save()
-            self.plot()
-        if self.world > 1:
-            dist.barrier()
-        return self.rows[-1] if self.rows else {}
 
     def _check_ranks_agree(self):
         """All ranks must hold identical weights after DDP training; recorded in ddp_check.json."""
@@ -413,6 +432,34 @@ class Trainer:
         if e_ref:
             plot_parity(np.concatenate(e_ref), np.concatenate(e_pred), np.concatenate(f_ref), np.concatenate(f_pred),
                         self.out / "parity.png", title="validation frames")
+
+
+class _GracefulStop:
+    """SIGINT (Ctrl-C) or SIGTERM during training: finish the step, validate, write the checkpoint and the
+    plots, and return (``name`` is set to the signal's). A second signal interrupts at once. Handlers are
+    installed only in the main thread and restored on exit."""
+
+    def __init__(self):
+        self.name = ""
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.name:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        print(f"\n{self.name}: finishing this step, then writing the checkpoint and plots "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:

@@ -50,3 +50,26 @@ def test_shipped_configs_load():
 
     for p in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml")):
         load_config(p)
+
+
+def test_yaml_config_reads_as_the_toml_one(tmp_path):
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    toml = Path(__file__).resolve().parents[2] / "configs" / "water-se.toml"
+    ref = load_config(toml)
+    d = ref.to_dict()
+    d["data"]["systems"] = [os.path.relpath(p, tmp_path) for p in ref.data.systems]
+    (tmp_path / "water-se.yaml").write_text(yaml.safe_dump(d))
+    assert load_config(tmp_path / "water-se.yaml").to_dict() == ref.to_dict()  # relative paths: from the file too
+    (tmp_path / "bad.yml").write_text("training: [steps: 3")
+    with pytest.raises(ConfigError, match="bad.yml: not valid YAML"):
+        load_config(tmp_path / "bad.yml")
+    (tmp_path / "list.yaml").write_text("- training\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "typo.yaml").write_text("training:\n  stpes: 3\n")
+    with pytest.raises(ConfigError, match="stpes"):
+        load_config(tmp_path / "typo.yaml")

@@ -2,6 +2,7 @@
 together, the CLI evaluates an exported model."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 
@@ -136,3 +137,58 @@ def test_short_schedules_still_decay_as_deepmd_kit():
     assert _stairs(4000, 5000) == 40  # decay_steps >= total: deepmd-kit's fallback of 100 steps
     assert _stairs(500, 5000) == 83  # very short: total // 100 + 1 = 6 steps per stair
     assert _stairs(1, 5000) == 1
+
+
+def test_stop_step_ends_the_run_early_on_the_full_schedule(tmp_path):
+    """stop_step ends a run before its schedule is over; the learning rate it reached is the one of the full
+    schedule (a shipped model can be 'the 108-minute recipe stopped at step N')."""
+    full = _tiny_config("loc_frame", tmp_path / "full", steps=40)
+    full.training.decay_steps = 0
+    ref = Trainer(full, log=lambda *a: None)
+    ref.step = 25
+    lr_at_25 = ref.lr()
+    assert lr_at_25 > full.training.lr_stop * 1.01  # the full schedule is not over at step 25
+    cfg = _tiny_config("loc_frame", tmp_path / "run", steps=40)
+    cfg.training.decay_steps, cfg.training.stop_step = 0, 25
+    tr = Trainer(cfg, log=lambda *a: None)
+    row = tr.run()
+    assert tr.step == 25 and row["step"] == 25  # the last step is validated
+    assert abs(tr.lr() - lr_at_25) < 1e-15
+    rows = list(csv.DictReader(open(tmp_path / "run" / "lcurve.csv")))
+    assert [int(r["step"]) for r in rows] == [10, 20, 25]
+    assert (tmp_path / "run" / "parity.png").is_file()
+    assert Trainer(cfg, resume=str(tmp_path / "run" / "checkpoint.pt"), log=lambda *a: None).step == 25
+
+
+def test_ctrl_c_finishes_the_step_and_keeps_checkpoint_and_plots(tmp_path):
+    """SIGINT during `dpserve train`: the run validates, writes its checkpoint and plots and exits 0; the
+    checkpoint resumes where it stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    import yaml
+
+    cfg = _tiny_config("loc_frame", tmp_path / "run", steps=100000)
+    cfg.training.val_every = cfg.training.checkpoint_every = 20
+    conf = tmp_path / "cfg.yaml"
+    conf.write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "train", str(conf), "--threads", "1"],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True)
+    lcurve = tmp_path / "run" / "lcurve.csv"
+    deadline = time.monotonic() + 120
+    while not lcurve.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGINT: stopped at step" in out and "--resume" in out
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert 20 <= state["step"] < 100000
+    last = list(csv.DictReader(open(lcurve)))[-1]
+    assert int(last["step"]) == state["step"]  # the step it stopped at was validated
+    assert (tmp_path / "run" / "lcurve.png").is_file() and (tmp_path / "run" / "parity.png").is_file()
