@@ -45,13 +45,15 @@ def plot_parity(e_ref, e_pred, f_ref, f_pred, path, title: str = "parity") -> No
     shift = float(np.mean(e_ref))
     rmse_e = float(np.sqrt(np.mean((e_pred - e_ref) ** 2)))
     rmse_f = float(np.sqrt(np.mean((f_pred - f_ref) ** 2)))
-    axes[0].scatter(e_ref - shift, e_pred - shift, s=8, label=f"RMSE {rmse_e * 1000:.2f} meV/atom")
-    axes[0].set_xlabel(f"DFT energy per atom - {shift:.3f} (eV)")
-    axes[0].set_ylabel("model energy per atom (eV)")
+    axes[0].scatter((e_ref - shift) * 1000, (e_pred - shift) * 1000, s=8, label=f"RMSE {rmse_e * 1000:.2f} meV/atom")
+    minus = f" - ({shift:.3f} eV)" if abs(shift) >= 5e-4 else ""  # training energies may already be bias-free
+    axes[0].set_xlabel(f"DFT energy per atom{minus} (meV)")
+    axes[0].set_ylabel(f"model energy per atom{minus} (meV)")
     axes[1].scatter(f_ref, f_pred, s=2, alpha=0.4, label=f"RMSE {rmse_f:.3f} eV/Å")
     axes[1].set_xlabel("DFT force component (eV/Å)")
     axes[1].set_ylabel("model force component (eV/Å)")
     for ax in axes:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(6))
         lo, hi = ax.get_xlim()
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.legend(loc="upper left")
