@@ -51,13 +51,14 @@ def split_frames(systems, val_fraction: float, seed: int):
     return out
 
 
-def _stairs(total_steps: int, decay_steps: int) -> int:
-    """Stairs of the learning-rate schedule over ``total_steps``. As deepmd-kit's LearningRateExp: a
-    decay_steps not below the total is replaced by 100 (or total // 100 + 1 for short runs), so a short run
-    still decays instead of keeping lr_start to the end."""
+def _stairs(total_steps: int, decay_steps: int) -> float:
+    """Stairs of the learning-rate schedule over ``total_steps``, S = total / decay_steps (not rounded: the
+    exponent at step s is floor(s / decay_steps) / S, deepmd-kit's LearningRateExp, so a run of 1.4 stairs
+    drops once, at 1/1.4 of the way). As deepmd-kit, a decay_steps not below the total is replaced by 100
+    (or total // 100 + 1 for short runs), so a short run still decays instead of keeping lr_start to the end."""
     if decay_steps >= total_steps:
         decay_steps = 100 if total_steps // 10 > 100 else total_steps // 100 + 1
-    return max(1, total_steps // decay_steps)
+    return max(1.0, total_steps / decay_steps)
 
 
 class _BatchModel(torch.nn.Module):

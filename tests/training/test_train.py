@@ -5,6 +5,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import SHARED, _tiny_config
 from training.config import config_from_dict
@@ -135,8 +136,23 @@ def test_short_schedules_still_decay_as_deepmd_kit():
 
     assert _stairs(30000, 5000) == 6
     assert _stairs(4000, 5000) == 40  # decay_steps >= total: deepmd-kit's fallback of 100 steps
-    assert _stairs(500, 5000) == 83  # very short: total // 100 + 1 = 6 steps per stair
+    assert np.isclose(_stairs(500, 5000), 500 / 6)  # very short: total // 100 + 1 = 6 steps per stair
     assert _stairs(1, 5000) == 1
+    assert _stairs(7000, 5000) == 1.4  # not rounded down to 1 stair (that kept lr_start to the very end)
+
+
+@pytest.mark.parametrize("total,decay", [(7000, 5000), (30000, 5000), (12345, 1000), (4000, 5000)])
+def test_step_schedule_is_deepmd_kits_exponential_staircase(tmp_path, total, decay):
+    """lr(step) = lr_start * r ** (step // d) with r = (lr_stop / lr_start) ** (d / total) (deepmd-kit)."""
+    cfg = _tiny_config("loc_frame", tmp_path / "run", steps=total)
+    cfg.training.decay_steps = decay
+    tr = Trainer(cfg, log=lambda *a: None)
+    tc = cfg.training
+    d = decay if decay < total else (100 if total // 10 > 100 else total // 100 + 1)
+    rate = (tc.lr_stop / tc.lr_start) ** (d / total)
+    for step in (0, d - 1, d, total // 2, total - 1):
+        tr.step = step
+        assert np.isclose(tr.lr(), tc.lr_start * rate ** (step // d), rtol=1e-12), step
 
 
 def test_stop_step_ends_the_run_early_on_the_full_schedule(tmp_path):
