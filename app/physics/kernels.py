@@ -941,6 +941,26 @@ _warm = threading.Lock()
 _warmed = False
 
 
+@njit(cache=True, nogil=False, fastmath=False)
+def closest_dense(positions):
+    """The closest pair (i, j, d), i < j, of an isolated frame by all distances (the first of equal ones in
+    row-major order, as numpy's argmin over the distance matrix); d = inf for fewer than two atoms.
+
+    The one kernel that keeps the GIL: it runs on the event loop for every small request and takes
+    microseconds; releasing the GIL would hand it to a busy model thread and wait to get it back."""
+    n = positions.shape[0]
+    best, bi, bj = np.inf, 0, 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx = positions[i, 0] - positions[j, 0]
+            dy = positions[i, 1] - positions[j, 1]
+            dz = positions[i, 2] - positions[j, 2]
+            d2 = dx * dx + dy * dy + dz * dz
+            if d2 < best:
+                best, bi, bj = d2, i, j
+    return bi, bj, np.sqrt(best)
+
+
 def warmup() -> None:
     """Compile (or load from the cache) every kernel once per process, on a tiny two-element system."""
     global _warmed
@@ -950,6 +970,7 @@ def warmup() -> None:
         positions = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0], [3.0, 0.1, 0.2]])
         types = np.array([0, 1, 1, 0])
         pair_list(positions, None, None, 2.5)  # the isolated-molecule path
+        closest_dense(positions)  # request validation of small molecules
         pairs = pair_list(positions, np.eye(3) * 5.0, [True] * 3, 2.5)
         for desc in (SeA(2.5, 0.5, [2, 4]), LocFrame(2.5, [1, 2], [1, 2], [[[1, 0], [1, 1]], [[0, 0], [1, 0]]])):
             ch = compute(desc, pairs, types)

@@ -123,6 +123,9 @@ def test_every_kernel_the_server_calls_releases_the_gil():
     checked = []
     for mod in (compressed, kernels):
         for name, f in vars(mod).items():
+            if name == "closest_dense":  # runs on the event loop, microseconds: keeps the GIL on purpose
+                assert not f.targetoptions.get("nogil")
+                continue
             if isinstance(f, numba.core.registry.CPUDispatcher) and f.targetoptions.get("inline") != "always":
                 assert f.targetoptions.get("nogil") is True, f"{mod.__name__}.{name} holds the GIL"
                 checked.append(name)

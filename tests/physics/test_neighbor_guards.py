@@ -67,3 +67,29 @@ def test_closest_pair_across_a_periodic_boundary():
     i, j, d = closest_pair(pos, np.eye(3) * 10, None, 0.1)
     assert d == pytest.approx(0.03)
     assert closest_pair(pos, np.eye(3) * 10, [False, True, True], 0.1) is None
+
+
+def test_closest_pair_of_small_molecules_is_the_same_compiled_or_numpy(monkeypatch):
+    """Isolated frames up to 256 atoms take a compiled loop (app.physics.kernels.closest_dense) when numba is
+    there: the same pair, ties included, and the same distance as the numpy distance matrix."""
+    pytest.importorskip("app.physics.kernels")
+    from app.physics import neighbors
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for n in (1, 2, 3, 7, 50, 256):
+        for trial in range(10):
+            p = rng.standard_normal((n, 3)) * 2
+            if trial % 3 == 0 and n > 3:
+                p[3] = p[1]  # coincident atoms
+            cases.append(p)
+    cases.append(np.array([[0.0, 0, 0], [1.0, 0, 0], [2.0, 0, 0]]))  # a tie: (0, 1) and (1, 2)
+    compiled = [neighbors.closest_pair(p, within=1e9) for p in cases]
+    assert compiled[-1] == (0, 1, 1.0)
+    monkeypatch.setattr(neighbors, "_closest_dense", lambda: None)
+    for p, got in zip(cases, compiled, strict=True):
+        ref = neighbors.closest_pair(p, within=1e9)
+        assert (got is None) == (ref is None) == (len(p) < 2)
+        if ref is not None:
+            assert got[:2] == ref[:2] and abs(got[2] - ref[2]) < 1e-12
+    assert neighbors.closest_pair(cases[-1], within=0.5) is None
