@@ -54,7 +54,10 @@ class PredictFastPath:
             return
         scope["route"] = self.route
         settings = state.settings
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
+        headers: dict[str, str] = {}
+        for k, v in scope["headers"]:
+            if k in _WANTED:  # the first of repeated headers wins, as starlette's Headers.get
+                headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
         try:
             client = scope.get("client")
             given = headers.get("x-api-key") or bearer_token(headers.get("authorization"))

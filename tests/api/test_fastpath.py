@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import msgpack
 import pytest
 from fastapi.testclient import TestClient
@@ -73,6 +74,16 @@ def test_fast_path_answers_as_the_route(both, case, monkeypatch):
         assert a.headers.get(h) == b.headers.get(h), (case, h)
     if b.status_code not in (401, 403):
         assert calls  # the route ran (key refusals happen in its dependency, before the handler)
+
+
+def test_repeated_headers_read_as_the_route_reads_them(both):
+    fast, route = both
+    headers = [("content-type", "application/json"), ("content-type", "text/plain"), ("x-api-key", KEY),
+               ("x-api-key", "nope"), ("accept", "application/msgpack"), ("accept", "application/json")]
+    a = fast.post("/predict", content=MOLECULE, headers=httpx.Headers(headers))
+    b = route.post("/predict", content=MOLECULE, headers=httpx.Headers(headers))
+    assert a.status_code == b.status_code == 200 and a.content == b.content
+    assert a.headers["content-type"] == b.headers["content-type"]
 
 
 def test_both_count_in_the_metrics_as_predict(both):
