@@ -10,13 +10,23 @@ from fastapi.responses import JSONResponse
 
 from app.core.errors import ServiceError, field_path
 
-__all__ = ["install_error_handlers"]
+__all__ = ["install_error_handlers", "service_error_response", "internal_error_response"]
 
 log = logging.getLogger(__name__)
 
 
-async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+def service_error_response(exc: ServiceError) -> JSONResponse:
+    """The answer to a refused request (also sent by the /predict fast path, app.api.fastpath)."""
     return JSONResponse({"detail": exc.detail()}, status_code=exc.status_code, headers=exc.headers)
+
+
+def internal_error_response(exc: Exception) -> JSONResponse:
+    """The answer to an unexpected error (logged by the caller), naming only its type."""
+    return JSONResponse({"detail": f"internal server error ({type(exc).__name__}); see the server log"}, status_code=500)
+
+
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    return service_error_response(exc)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -29,7 +39,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": f"internal server error ({type(exc).__name__}); see the server log"}, status_code=500)
+    return internal_error_response(exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from app.api.deps import bearer_token, check_api_key
+from app.api.errors import internal_error_response, service_error_response
 from app.api.routes.predict import handle_predict
 from app.api.routes.predict import router as predict_router
 from app.core.errors import ServiceError
@@ -67,15 +68,10 @@ class PredictFastPath:
         except _Disconnected:
             return
         except ServiceError as exc:
-            response = JSONResponse(
-                {"detail": exc.detail()}, status_code=exc.status_code, headers=exc.headers
-            )
-        except Exception as exc:  # the same answer as app.api.errors' handler for unexpected errors
+            response = service_error_response(exc)
+        except Exception as exc:  # answered as app.api.errors' handler answers unexpected errors
             log.exception("unhandled error on POST %s", PATH)
-            response = JSONResponse(
-                {"detail": f"internal server error ({type(exc).__name__}); see the server log"},
-                status_code=500,
-            )
+            response = internal_error_response(exc)
         await response(scope, receive, send)
 
 
