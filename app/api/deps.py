@@ -16,6 +16,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import SecretStr
 
 from app.core.config import Settings
@@ -101,9 +102,9 @@ def check_api_key(settings: Settings, given: str | None, client: str) -> None:
 
 
 def bearer_token(authorization: str | None) -> str | None:
-    """The credentials of an 'Authorization: Bearer <token>' header (None otherwise, as HTTPBearer)."""
-    scheme, _, token = (authorization or "").strip().partition(" ")
-    token = token.strip()
+    """The credentials of an 'Authorization: Bearer <token>' header (None otherwise), parsed by the helper
+    FastAPI's HTTPBearer uses, so the ASGI fast path reads the header exactly as the route does."""
+    scheme, token = get_authorization_scheme_param(authorization)
     return token if scheme.lower() == "bearer" and token else None
 
 
