@@ -111,13 +111,19 @@ def _dense_distances(positions: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ijx,ijx->ij", diff, diff))
 
 
+_CLOSEST_DENSE: list = []  # [kernel or None], resolved on first use (kernels imports this module)
+
+
 def _closest_dense():
-    """app.physics.kernels.closest_dense, or None without numba (the numpy path then serves)."""
-    try:
-        from app.physics.kernels import closest_dense
-    except ImportError:
-        return None
-    return closest_dense
+    """app.physics.kernels.closest_dense, or None without numba (the numpy path then serves); looked up once,
+    not on every request."""
+    if not _CLOSEST_DENSE:
+        try:
+            from app.physics.kernels import closest_dense
+        except ImportError:
+            closest_dense = None
+        _CLOSEST_DENSE.append(closest_dense)
+    return _CLOSEST_DENSE[0]
 
 
 def closest_pair(positions, cell=None, pbc=None, within: float = 0.1) -> tuple[int, int, float] | None:
