@@ -283,8 +283,7 @@ class Trainer:
             bar = tqdm(total=total if total else int(60 * tc.time_budget_min), initial=self.step if total else int(self.elapsed),
                        unit="step" if total else "s", dynamic_ncols=True, mininterval=1.0)
         # ranks of a DDP run must stop at the same step: there torchrun's signal handling stays as it is
-        stop = _GracefulStop() if self.world == 1 else contextlib.nullcontext(None)
-        with stop as signalled:
+        with _GracefulStop(install=self.world == 1) as signalled:
             self._loop(bar, signalled)
         if bar is not None:
             bar.close()
@@ -293,7 +292,7 @@ class Trainer:
         if self.rank == 0:
             self.save()
             self.plot()
-        if signalled is not None and signalled.name:
+        if signalled.name:
             self.log(f"{signalled.name}: stopped at step {self.step} ({self.elapsed / 60:.1f} min trained); "
                      f"checkpoint and plots written; continue with --resume {self.out / 'checkpoint.pt'}")
         if self.world > 1:
@@ -309,7 +308,7 @@ class Trainer:
         tc = self.cfg.training
         last = time.perf_counter()
         acc = dict(loss=0.0, le=0.0, lf=0.0, n=0)
-        while not self.finished() and not (signalled is not None and signalled.name):
+        while not (self.finished() or signalled.name):
             lr = self.lr()
             for g in self.opt.param_groups:
                 g["lr"] = lr
@@ -338,8 +337,7 @@ class Trainer:
             acc["le"] += parts["le"]
             acc["lf"] += parts["lf"]
             acc["n"] += 1
-            last_step = self.finished() or (signalled is not None and bool(signalled.name))
-            if self.rank == 0 and (self.step % tc.val_every == 0 or last_step):
+            if self.rank == 0 and (self.step % tc.val_every == 0 or self.finished() or signalled.name):
                 row = dict(step=self.step, elapsed_s=round(self.elapsed, 2), lr=lr, loss=acc["loss"] / acc["n"],
                            rmse_e_trn=math.sqrt(acc["le"] / acc["n"] / float(np.mean(b.natoms))) if acc["n"] else float("nan"),
                            rmse_f_trn=math.sqrt(acc["lf"] / acc["n"]))
@@ -438,10 +436,11 @@ class Trainer:
 class _GracefulStop:
     """SIGINT (Ctrl-C) or SIGTERM during training: finish the step, validate, write the checkpoint and the
     plots, and return (``name`` is set to the signal's). A second signal interrupts at once. Handlers are
-    installed only in the main thread and restored on exit."""
+    installed only in the main thread (and only with ``install``) and restored on exit."""
 
-    def __init__(self):
+    def __init__(self, install: bool = True):
         self.name = ""
+        self.install = install
         self._old = {}
 
     def _handle(self, signum, frame):
@@ -452,7 +451,7 @@ class _GracefulStop:
               "(send it again to stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.install and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
