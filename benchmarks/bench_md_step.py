@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -106,8 +107,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300, help="MD steps (and bare calls) per model")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "md_step.json")
     args = p.parse_args(argv)
-    import os
-
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": args.steps,
            "machine": {"cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
                        "python": platform.python_version()}, "results": []}
