@@ -37,7 +37,8 @@ def _serve(args) -> int:
     # the model store (installed by the app). Plain `uvicorn app.main:app` exits by the signal instead (143).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
-    uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, log_level=args.log_level,
+                access_log=args.access_log)
     return 0
 
 
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--store", default=None, help="model store path (default: settings / DPSERVE_MODEL_STORE)")
     s.add_argument("--log-level", default="info")
+    # off by default, as in the Docker image: one log line per request costs throughput when MD codes and
+    # many small clients call every few milliseconds (the request metrics are on /metrics either way)
+    s.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
+                   help="log one line per request (default: off; counts and latencies are on /metrics)")
     s.set_defaults(func=_serve)
 
     t = sub.add_parser("train", help="train a model from a TOML config (needs the 'train' extra)")

@@ -97,3 +97,20 @@ def test_compose_documents_scaling_out():
 
 def test_cli_serve_runs_the_same_app():
     assert '"app.main:app"' in (ROOT / "app" / "cli.py").read_text()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], False), (["--access-log"], True), (["--no-access-log"], False)])
+def test_cli_serve_access_log_is_off_unless_asked(monkeypatch, flags, expected):
+    """`dpserve serve` runs uvicorn like the Docker image (no per-request log line) unless --access-log."""
+    import signal
+
+    import uvicorn
+
+    from app.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    assert main(["serve", "--port", "8123", *flags]) == 0
+    assert seen["app"] == "app.main:app" and seen["port"] == 8123
+    assert seen["access_log"] is expected
