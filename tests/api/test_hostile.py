@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.schemas import raw_array
 
-from .conftest import SE, WATER_MOLECULE, make_settings, message
+from .conftest import SE, WATER_MOLECULE, make_settings, message, water_cluster
 
 MSGPACK = {"content-type": "application/msgpack"}
 
@@ -92,3 +92,13 @@ def test_million_atom_request_is_a_quick_413(client):
     r = client.post("/predict", content=body, headers=MSGPACK)
     assert r.status_code == 413 and "max_atoms_per_request" in message(r)
     still_serves(client)
+
+
+def test_the_neighbour_limit_holds_for_small_isolated_frames(tiny_store):
+    """A small isolated frame skips the density estimate only when it cannot exceed the limit (n atoms have
+    at most n neighbours each, the atom counted): one atom more than the limit is counted and refused."""
+    with TestClient(create_app(make_settings(tiny_store, max_neighbours_per_atom=6))) as c:
+        fits, over = water_cluster(2), water_cluster(3)  # 6 and 9 atoms, all within each other's cutoff
+        assert c.post("/predict", json={"model": SE, "frames": [fits]}).status_code == 200
+        r = c.post("/predict", json={"model": SE, "frames": [fits, over]})
+        assert r.status_code == 422 and "frames[1].positions" in message(r) and "too dense" in message(r)
