@@ -255,10 +255,45 @@ def _http(method: str, path: str, body: bytes = b"") -> bytes:
     return (head + "\r\n").encode() + body
 
 
-def small_molecules(port: int, model: str, frame: dict, clients: int, seconds: float) -> dict:
+def _thread_cpu(pid: int | None) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process ``pid`` (Linux /proc; empty elsewhere)."""
+    out: dict[int, float] = {}
+    if pid is None:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _cpu_per_request(pid: int | None, run) -> dict:
+    """Run ``run()`` (a _hammer) and split the CPU it cost per answered request: the server's event loop
+    (its main thread), the server's other threads (model worker, onnxruntime and numba pools) and this
+    benchmark's client, in microseconds."""
+    t0, c0 = _thread_cpu(pid), time.process_time()
+    res = run()
+    t1, c1 = _thread_cpu(pid), time.process_time()
+    n = max(res["requests"], 1)
+    loop = t1.get(pid, 0.0) - t0.get(pid, 0.0) if pid is not None else float("nan")
+    others = sum(v - t0.get(tid, 0.0) for tid, v in t1.items() if tid != pid)
+    res["cpu_us_per_request"] = {"server_event_loop": 1e6 * loop / n, "server_other_threads": 1e6 * others / n,
+                                 "client": 1e6 * (c1 - c0) / n}
+    return res
+
+
+def small_molecules(port: int, model: str, frame: dict, clients: int, seconds: float, pid: int | None = None) -> dict:
     body = json.dumps({"model": model, "frames": [as_json_frame(frame)]}).encode()
-    pred = asyncio.run(_hammer(port, _http("POST", "/predict", body), clients, seconds))
-    health = asyncio.run(_hammer(port, _http("GET", "/health"), clients, seconds))
+    pred = _cpu_per_request(pid, lambda: asyncio.run(_hammer(port, _http("POST", "/predict", body), clients, seconds)))
+    health = _cpu_per_request(pid, lambda: asyncio.run(_hammer(port, _http("GET", "/health"), clients, seconds)))
     return {"model": model, "atoms_per_frame": len(frame["species"]), "clients": clients, "predict": pred,
             "health": health, "ratio": pred["per_second"] / health["per_second"],
             "atoms_per_second": pred["per_second"] * len(frame["species"])}
@@ -294,6 +329,15 @@ def markdown(res: dict) -> str:
                 f"{s['health']['p95_ms']:.1f} | {s['health']['errors']} |", "",
                 f"predict / health throughput: {s['ratio']:.2f} (target >= {TARGET_SMALL_VS_HEALTH}); "
                 f"{s['atoms_per_second']:.0f} atoms/s.{' ' + s['note'] if s.get('note') else ''}", ""]
+        if "cpu_us_per_request" in s["predict"]:
+            out += ["CPU per answered request, microseconds (server threads from /proc; the model worker and the "
+                    "onnxruntime and numba pools are the 'other threads'):", "",
+                    "| endpoint | server event loop | server other threads | client |", "|---|---|---|---|"]
+            for what in ("predict", "health"):
+                c = s[what]["cpu_us_per_request"]
+                out.append(f"| {what} | {c['server_event_loop']:.0f} | {c['server_other_threads']:.0f} | "
+                           f"{c['client']:.0f} |")
+            out.append("")
     return "\n".join(out)
 
 
@@ -352,7 +396,8 @@ def main(argv=None) -> int:
         else:
             m = None
         if m is not None:
-            s = small_molecules(server.port, f"{m['name']}/{m['version']}", frame, args.clients, seconds)
+            s = small_molecules(server.port, f"{m['name']}/{m['version']}", frame, args.clients, seconds,
+                                pid=server.proc.pid)
             s["note"] = note
             res["small"] = s
             print(f"  small molecules: predict {s['predict']['per_second']:.0f}/s vs health "
