@@ -132,6 +132,64 @@ def _dense_pairs(pos, cutoff):
 
 _DENSE_PAIRS_MAX = 64  # isolated frames up to this many atoms: all pairs directly, no cell list
 
+
+@njit(**_JIT)
+def _small_cell_pairs(pos, cell, frac, cutoff):
+    """Full pair list, grouped by centre, of a cell periodic in all three directions whose lattice planes
+    are all more than 2 * cutoff apart. Then every pair has at most one image within the cutoff, the one
+    whose fractional separation lies in [-1/2, 1/2] (any other image is at least half a plane spacing,
+    more than the cutoff, away along some direction): D = r_b - r_a + S @ cell with S = -round(f_b - f_a),
+    as vesin forms it. Two sweeps over the pairs a < b (count, then fill both directions), no buffer larger
+    than the result."""
+    n = pos.shape[0]
+    c2 = cutoff * cutoff
+    start = np.zeros(n + 1, np.int64)
+    fill = start[:-1]
+    js = np.empty(0, np.int64)
+    Ds = np.empty((0, 3))
+    for sweep in range(2):
+        if sweep == 1:
+            for a in range(n):
+                start[a + 1] += start[a]
+            fill = start[:-1].copy()
+            js = np.empty(start[n], np.int64)
+            Ds = np.empty((start[n], 3))
+        for a in range(n):
+            for b in range(a + 1, n):
+                s0 = -np.round(frac[b, 0] - frac[a, 0])
+                s1 = -np.round(frac[b, 1] - frac[a, 1])
+                s2 = -np.round(frac[b, 2] - frac[a, 2])
+                dx = pos[b, 0] - pos[a, 0] + (s0 * cell[0, 0] + s1 * cell[1, 0] + s2 * cell[2, 0])
+                dy = pos[b, 1] - pos[a, 1] + (s0 * cell[0, 1] + s1 * cell[1, 1] + s2 * cell[2, 1])
+                dz = pos[b, 2] - pos[a, 2] + (s0 * cell[0, 2] + s1 * cell[1, 2] + s2 * cell[2, 2])
+                if dx * dx + dy * dy + dz * dz < c2:
+                    if sweep == 0:
+                        start[a + 1] += 1
+                        start[b + 1] += 1
+                    else:
+                        q = fill[a]
+                        fill[a] = q + 1
+                        js[q] = b
+                        Ds[q, 0], Ds[q, 1], Ds[q, 2] = dx, dy, dz
+                        q = fill[b]
+                        fill[b] = q + 1
+                        js[q] = a
+                        Ds[q, 0], Ds[q, 1], Ds[q, 2] = -dx, -dy, -dz
+    return start, js, Ds
+
+
+_SMALL_CELL_MAX = 384  # periodic cells up to this many atoms (planes > 2 cutoffs apart): all pairs, no cell list
+
+
+def _small_cell(cell, pbc, cutoff: float) -> bool:
+    """Whether :func:`_small_cell_pairs` applies: periodic in all three directions, every lattice plane
+    spacing more than twice the cutoff."""
+    if not pbc.all():
+        return False
+    cross = np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]])
+    widths = abs(np.linalg.det(cell)) / np.linalg.norm(cross, axis=1)
+    return bool((widths > 2.0 * cutoff).all())
+
 _local = threading.local()
 
 
@@ -160,6 +218,11 @@ def pair_list(positions, cell=None, pbc=None, cutoff: float = 6.0) -> PairList:
     if n <= _DENSE_PAIRS_MAX and not pbc.any():
         # a small isolated molecule: all pairs directly (vesin's call overhead is ~20x this for 7 atoms)
         start, js, Ds = _dense_pairs(np.ascontiguousarray(positions, dtype=np.float64), float(cutoff))
+        return PairList(start, js, Ds)
+    if n <= _SMALL_CELL_MAX and _small_cell(cell, pbc, cutoff):
+        # a small periodic box (192-atom water at 6 A: 2-3x faster than vesin's cell list, same vectors)
+        frac = positions @ np.linalg.inv(cell)
+        start, js, Ds = _small_cell_pairs(positions, cell, frac, float(cutoff))
         return PairList(start, js, Ds)
     box, periodic = _vesin_geometry(positions, cell, pbc, cutoff)
     calc = _calculator(float(cutoff))

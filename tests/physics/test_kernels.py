@@ -238,3 +238,47 @@ def test_empty_frame_and_no_pairs():
     pairs = kernels.pair_list(np.zeros((0, 3)), None, None, 3.0)
     assert len(pairs) == 0 and pairs.natoms == 0
     assert list(kernels.chunks(SeA(3.0, 0.5, [2]), pairs, np.zeros(0, np.int64))) == []
+
+
+def _same_pairs(pairs, nl, n):
+    np.testing.assert_array_equal(np.diff(pairs.start), np.bincount(nl.i, minlength=n))
+    for a in range(n):
+        ref = nl.D[nl.i == a]
+        new = pairs.D[pairs.start[a] : pairs.start[a + 1]]
+        key = lambda D: np.lexsort(D.T[::-1])  # noqa: E731
+        np.testing.assert_array_equal(new[key(new)], ref[key(ref)])
+        np.testing.assert_array_equal(np.sort(pairs.j[pairs.start[a] : pairs.start[a + 1]]), np.sort(nl.j[nl.i == a]))
+
+
+def test_small_periodic_cells_take_all_pairs_exactly_as_vesin(monkeypatch):
+    """Periodic cells of up to _SMALL_CELL_MAX atoms whose planes are more than two cutoffs apart skip
+    vesin's cell list: the same pairs and vectors bit for bit, also in skewed cells and with atoms far
+    outside the cell. Checked with vesin's calculator removed from the path."""
+    rng = np.random.default_rng(11)
+    cutoff = 2.8
+    cases = []
+    for skew in (0.0, 0.3, 0.6):
+        cell = np.array([[7.0, 0, 0], [skew * 7.0, 7.5, 0], [0.4 * skew * 7, -skew * 3, 8.0]])
+        cases.append((cell, 40))
+        cases.append((cell, kernels._SMALL_CELL_MAX))
+    expected = {}
+    for k, (cell, n) in enumerate(cases):
+        positions = rng.uniform(-1.0, 2.0, size=(n, 3)) @ cell  # some atoms outside the cell
+        assert kernels._small_cell(cell, np.ones(3, bool), cutoff)
+        expected[k] = (positions, neighbor_list(positions, cell, [True] * 3, cutoff))
+    monkeypatch.setattr(kernels, "_calculator", lambda cutoff: pytest.fail("vesin was called"))
+    for k, (cell, n) in enumerate(cases):
+        positions, nl = expected[k]
+        _same_pairs(kernels.pair_list(positions, cell, [True] * 3, cutoff), nl, n)
+
+
+def test_cells_too_thin_or_open_or_large_go_to_vesin():
+    cube = np.eye(3) * 7.0
+    assert not kernels._small_cell(cube, np.ones(3, bool), 3.5)  # planes exactly two cutoffs apart
+    assert not kernels._small_cell(cube, np.array([True, True, False]), 3.0)
+    thin = np.diag([7.0, 7.0, 5.9])
+    assert not kernels._small_cell(thin, np.ones(3, bool), 3.0)
+    rng = np.random.default_rng(12)
+    for cell, n in ((thin, 50), (cube, kernels._SMALL_CELL_MAX + 1)):
+        positions = rng.uniform(0, 1, size=(n, 3)) @ cell
+        _same_pairs(kernels.pair_list(positions, cell, [True] * 3, 3.0), neighbor_list(positions, cell, [True] * 3, 3.0), n)
