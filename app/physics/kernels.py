@@ -93,17 +93,21 @@ def _group_pairs(i, j, D, natoms, js, Ds):
         start[a + 1] += start[a]
     fill = start[:-1].copy()
     for p in range(npairs):
-        a, b = i[p], j[p]
-        dx, dy, dz = D[p, 0], D[p, 1], D[p, 2]
-        q = fill[a]
-        fill[a] = q + 1
-        js[q] = b
-        Ds[q, 0], Ds[q, 1], Ds[q, 2] = dx, dy, dz
-        q = fill[b]
-        fill[b] = q + 1
-        js[q] = a
-        Ds[q, 0], Ds[q, 1], Ds[q, 2] = -dx, -dy, -dz
+        _put_both(fill, js, Ds, i[p], j[p], D[p, 0], D[p, 1], D[p, 2])
     return start
+
+
+@njit(**_JIT)
+def _put_both(fill, js, Ds, a, b, dx, dy, dz):
+    """Pair (a, b, D) into centre a's next slot and (b, a, -D) into centre b's."""
+    q = fill[a]
+    fill[a] = q + 1
+    js[q] = b
+    Ds[q, 0], Ds[q, 1], Ds[q, 2] = dx, dy, dz
+    q = fill[b]
+    fill[b] = q + 1
+    js[q] = a
+    Ds[q, 0], Ds[q, 1], Ds[q, 2] = -dx, -dy, -dz
 
 
 @njit(**_JIT)
@@ -167,14 +171,7 @@ def _small_cell_pairs(pos, cell, frac, cutoff):
                         start[a + 1] += 1
                         start[b + 1] += 1
                     else:
-                        q = fill[a]
-                        fill[a] = q + 1
-                        js[q] = b
-                        Ds[q, 0], Ds[q, 1], Ds[q, 2] = dx, dy, dz
-                        q = fill[b]
-                        fill[b] = q + 1
-                        js[q] = a
-                        Ds[q, 0], Ds[q, 1], Ds[q, 2] = -dx, -dy, -dz
+                        _put_both(fill, js, Ds, a, b, dx, dy, dz)
     return start, js, Ds
 
 

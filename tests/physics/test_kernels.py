@@ -142,15 +142,7 @@ def test_small_isolated_frames_take_all_pairs_exactly_as_vesin():
     rng = np.random.default_rng(5)
     for n in (2, 7, kernels._DENSE_PAIRS_MAX):
         positions = rng.uniform(-4, 4, size=(n, 3))
-        nl = neighbor_list(positions, None, None, 3.0)
-        pairs = kernels.pair_list(positions, None, None, 3.0)
-        np.testing.assert_array_equal(np.diff(pairs.start), np.bincount(nl.i, minlength=n))
-        for a in range(n):
-            ref = nl.D[nl.i == a]
-            new = pairs.D[pairs.start[a] : pairs.start[a + 1]]
-            key = lambda D: np.lexsort(D.T[::-1])  # noqa: E731
-            np.testing.assert_array_equal(new[key(new)], ref[key(ref)])
-            np.testing.assert_array_equal(np.sort(pairs.j[pairs.start[a] : pairs.start[a + 1]]), np.sort(nl.j[nl.i == a]))
+        _same_pairs(kernels.pair_list(positions, None, None, 3.0), neighbor_list(positions, None, None, 3.0), n)
 
 
 # ---------------------------------------------------------------------------------------------------------
