@@ -138,44 +138,32 @@ _DENSE_PAIRS_MAX = 64  # isolated frames up to this many atoms: all pairs direct
 
 
 @njit(**_JIT)
-def _small_cell_pairs(pos, cell, frac, cutoff):
-    """Full pair list, grouped by centre, of a cell periodic in all three directions whose lattice planes
-    are all more than 2 * cutoff apart. Then every pair has at most one image within the cutoff, the one
-    whose fractional separation lies in [-1/2, 1/2] (any other image is at least half a plane spacing,
-    more than the cutoff, away along some direction): D = r_b - r_a + S @ cell with S = -round(f_b - f_a),
-    as vesin forms it. Two sweeps over the pairs a < b (count, then fill both directions), no buffer larger
-    than the result."""
+def _small_cell_pairs(pos, cell, frac, cutoff, hi, hj, hD):
+    """Half pair list (a < b) of a cell periodic in all three directions whose lattice planes are all more
+    than 2 * cutoff apart, into hi, hj (n (n - 1) / 2,) and hD (n (n - 1) / 2, 3); returns the pair count.
+    Then every pair has at most one image within the cutoff, the one whose fractional separation lies in
+    [-1/2, 1/2] (any other image is at least half a plane spacing, more than the cutoff, away along some
+    direction): D = r_b - r_a + S @ cell with S = -round(f_b - f_a), as vesin forms it."""
     n = pos.shape[0]
     c2 = cutoff * cutoff
-    start = np.zeros(n + 1, np.int64)
-    fill = start[:-1]
-    js = np.empty(0, np.int64)
-    Ds = np.empty((0, 3))
-    for sweep in range(2):
-        if sweep == 1:
-            for a in range(n):
-                start[a + 1] += start[a]
-            fill = start[:-1].copy()
-            js = np.empty(start[n], np.int64)
-            Ds = np.empty((start[n], 3))
-        for a in range(n):
-            for b in range(a + 1, n):
-                s0 = -np.round(frac[b, 0] - frac[a, 0])
-                s1 = -np.round(frac[b, 1] - frac[a, 1])
-                s2 = -np.round(frac[b, 2] - frac[a, 2])
-                dx = pos[b, 0] - pos[a, 0] + (s0 * cell[0, 0] + s1 * cell[1, 0] + s2 * cell[2, 0])
-                dy = pos[b, 1] - pos[a, 1] + (s0 * cell[0, 1] + s1 * cell[1, 1] + s2 * cell[2, 1])
-                dz = pos[b, 2] - pos[a, 2] + (s0 * cell[0, 2] + s1 * cell[1, 2] + s2 * cell[2, 2])
-                if dx * dx + dy * dy + dz * dz < c2:
-                    if sweep == 0:
-                        start[a + 1] += 1
-                        start[b + 1] += 1
-                    else:
-                        _put_both(fill, js, Ds, a, b, dx, dy, dz)
-    return start, js, Ds
+    q = 0
+    for a in range(n):
+        for b in range(a + 1, n):
+            s0 = -np.round(frac[b, 0] - frac[a, 0])
+            s1 = -np.round(frac[b, 1] - frac[a, 1])
+            s2 = -np.round(frac[b, 2] - frac[a, 2])
+            dx = pos[b, 0] - pos[a, 0] + (s0 * cell[0, 0] + s1 * cell[1, 0] + s2 * cell[2, 0])
+            dy = pos[b, 1] - pos[a, 1] + (s0 * cell[0, 1] + s1 * cell[1, 1] + s2 * cell[2, 1])
+            dz = pos[b, 2] - pos[a, 2] + (s0 * cell[0, 2] + s1 * cell[1, 2] + s2 * cell[2, 2])
+            if dx * dx + dy * dy + dz * dz < c2:
+                hi[q] = a
+                hj[q] = b
+                hD[q, 0], hD[q, 1], hD[q, 2] = dx, dy, dz
+                q += 1
+    return q
 
 
-_SMALL_CELL_MAX = 384  # periodic cells up to this many atoms (planes > 2 cutoffs apart): all pairs, no cell list
+_SMALL_CELL_MAX = 512  # periodic cells up to this many atoms (planes > 2 cutoffs apart): all pairs, no cell list
 
 
 def _small_cell(cell, pbc, cutoff: float) -> bool:
@@ -219,7 +207,11 @@ def pair_list(positions, cell=None, pbc=None, cutoff: float = 6.0) -> PairList:
     if n <= _SMALL_CELL_MAX and _small_cell(cell, pbc, cutoff):
         # a small periodic box (192-atom water at 6 A: 2-3x faster than vesin's cell list, same vectors)
         frac = positions @ np.linalg.inv(cell)
-        start, js, Ds = _small_cell_pairs(positions, cell, frac, float(cutoff))
+        cap = n * (n - 1) // 2  # every pair at most once; np.empty touches only the pages written
+        hi, hj, hD = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty((cap, 3))
+        h = _small_cell_pairs(positions, cell, frac, float(cutoff), hi, hj, hD)
+        js, Ds = np.empty(2 * h, np.int64), np.empty((2 * h, 3))
+        start = _group_pairs(hi[:h], hj[:h], hD[:h], n, js, Ds)
         return PairList(start, js, Ds)
     box, periodic = _vesin_geometry(positions, cell, pbc, cutoff)
     calc = _calculator(float(cutoff))
