@@ -8,7 +8,10 @@ blocks). These kernels compute the same numbers (to rounding; tested to 1e-12 re
 array-wide passes, in parallel over centre atoms, float64 throughout:
 
 1. :func:`pair_list`: vesin's half list (quantities ``ijD``, unsorted: its fastest mode), mirrored and
-   grouped by centre with a counting sort.
+   grouped by centre with a counting sort. Small systems skip vesin's cell list and check every pair in
+   one compiled loop, with the same vectors bit for bit: isolated frames up to ``_DENSE_PAIRS_MAX`` atoms,
+   and periodic cells up to ``_SMALL_CELL_MAX`` atoms whose lattice planes are more than two cutoffs apart
+   (each pair then has one image within the cutoff, the minimum image in fractional coordinates).
 2. :func:`compute` / :func:`chunks`: for each centre atom, its neighbours sorted by (element, distance,
    neighbour index, pair vector) into ``sel`` slots per element (the rest dropped and counted), then
    se_e2_a environment rows, or for loc_frame the axis choice with every fallback of
