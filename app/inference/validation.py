@@ -22,7 +22,7 @@ import numpy as np
 from app.core.config import Settings
 from app.core.errors import InputError, ServiceError
 from app.inference.model import DeepPotModel, Frame
-from app.physics.neighbors import closest_pair, estimate_neighbours
+from app.physics.neighbors import closest_pair, estimate_neighbours, small_cell_screen
 from app.schemas import PredictRequest
 
 _COINCIDENT = 1e-6  # Angstrom: closer than this is refused whatever min_distance says
@@ -150,20 +150,25 @@ def to_frames(req: PredictRequest, model: DeepPotModel, settings: Settings) -> l
                              f"directions, but frames[{k}] {what}; ask for 'virial' (eV) instead")
         if not pbc.any():
             cell, pbc = None, None
-        # an isolated frame of n atoms has at most n neighbours per atom (the estimate counts the atom itself):
-        # no need to count them when n is within the limit (a 7-atom molecule: 4% of the event loop under
-        # many small requests)
-        small = cell is None and len(pos) <= settings.max_neighbours_per_atom
-        est = 0.0 if small else estimate_neighbours(pos, cell, pbc, model.rcut)
+        # coincident atoms are refused even with min_distance = 0: every descriptor divides by the distance
+        min_d = max(settings.min_distance, _COINCIDENT)
+        both = small_cell_screen(pos, cell, pbc, model.rcut, min_d) if cell is not None else None
+        if both is not None:
+            est = both[0]
+        elif cell is None and len(pos) <= settings.max_neighbours_per_atom:
+            # an isolated frame of n atoms has at most n neighbours per atom (the estimate counts the atom
+            # itself): no need to count them (a 7-atom molecule: 4% of the event loop under small requests)
+            est = 0.0
+        else:
+            est = estimate_neighbours(pos, cell, pbc, model.rcut)
         if est > settings.max_neighbours_per_atom:
             raise InputError(("frames", k, "positions"),
                              f"too dense: about {est:.0f} neighbours per atom within model {model.name}'s cutoff of "
                              f"{model.rcut:g} Angstrom, more than max_neighbours_per_atom = "
                              f"{settings.max_neighbours_per_atom} (liquid water has about 90 at 6 Angstrom); are the "
                              "positions and the cell in Angstrom?")
-        # coincident atoms are refused even with min_distance = 0: every descriptor divides by the distance
-        min_d = max(settings.min_distance, _COINCIDENT)
-        pair = closest_pair(pos, cell, pbc, min_d)
+        # only now, with the density bounded: on a pile of atoms the closest-pair search would form N^2 pairs
+        pair = both[1] if both is not None else closest_pair(pos, cell, pbc, min_d)
         if pair is not None:
             i, j, d = pair
             if i == j:

@@ -50,7 +50,7 @@ from numba import njit, prange  # noqa: E402
 
 from .descriptors import LocFrame, SeA  # noqa: E402
 from .environment import Slots  # noqa: E402
-from .neighbors import _check_inputs, _vesin_geometry  # noqa: E402
+from .neighbors import _SMALL_CELL_MAX, _check_inputs, _small_cell, _vesin_geometry  # noqa: E402
 
 __all__ = ["PairList", "FastChunk", "pair_list", "compute", "chunks", "vjp_assemble", "warmup"]
 
@@ -141,6 +141,18 @@ _DENSE_PAIRS_MAX = 64  # isolated frames up to this many atoms: all pairs direct
 
 
 @njit(**_JIT)
+def _min_image(pos, cell, frac, a, b):
+    """r_b - r_a + S @ cell with S = -round(f_b - f_a) (fractional f), formed as vesin forms pair vectors."""
+    s0 = -np.round(frac[b, 0] - frac[a, 0])
+    s1 = -np.round(frac[b, 1] - frac[a, 1])
+    s2 = -np.round(frac[b, 2] - frac[a, 2])
+    dx = pos[b, 0] - pos[a, 0] + (s0 * cell[0, 0] + s1 * cell[1, 0] + s2 * cell[2, 0])
+    dy = pos[b, 1] - pos[a, 1] + (s0 * cell[0, 1] + s1 * cell[1, 1] + s2 * cell[2, 1])
+    dz = pos[b, 2] - pos[a, 2] + (s0 * cell[0, 2] + s1 * cell[1, 2] + s2 * cell[2, 2])
+    return dx, dy, dz
+
+
+@njit(**_JIT)
 def _small_cell_pairs(pos, cell, frac, cutoff, hi, hj, hD):
     """Half pair list (a < b) of a cell periodic in all three directions whose lattice planes are all more
     than 2 * cutoff apart, into hi, hj (n (n - 1) / 2,) and hD (n (n - 1) / 2, 3); returns the pair count.
@@ -152,12 +164,7 @@ def _small_cell_pairs(pos, cell, frac, cutoff, hi, hj, hD):
     q = 0
     for a in range(n):
         for b in range(a + 1, n):
-            s0 = -np.round(frac[b, 0] - frac[a, 0])
-            s1 = -np.round(frac[b, 1] - frac[a, 1])
-            s2 = -np.round(frac[b, 2] - frac[a, 2])
-            dx = pos[b, 0] - pos[a, 0] + (s0 * cell[0, 0] + s1 * cell[1, 0] + s2 * cell[2, 0])
-            dy = pos[b, 1] - pos[a, 1] + (s0 * cell[0, 1] + s1 * cell[1, 1] + s2 * cell[2, 1])
-            dz = pos[b, 2] - pos[a, 2] + (s0 * cell[0, 2] + s1 * cell[1, 2] + s2 * cell[2, 2])
+            dx, dy, dz = _min_image(pos, cell, frac, a, b)
             if dx * dx + dy * dy + dz * dz < c2:
                 hi[q] = a
                 hj[q] = b
@@ -165,18 +172,6 @@ def _small_cell_pairs(pos, cell, frac, cutoff, hi, hj, hD):
                 q += 1
     return q
 
-
-_SMALL_CELL_MAX = 512  # periodic cells up to this many atoms (planes > 2 cutoffs apart): all pairs, no cell list
-
-
-def _small_cell(cell, pbc, cutoff: float) -> bool:
-    """Whether :func:`_small_cell_pairs` applies: periodic in all three directions, every lattice plane
-    spacing more than twice the cutoff."""
-    if not pbc.all():
-        return False
-    cross = np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]])
-    widths = abs(np.linalg.det(cell)) / np.linalg.norm(cross, axis=1)
-    return bool((widths > 2.0 * cutoff).all())
 
 _local = threading.local()
 
@@ -1014,6 +1009,26 @@ def closest_dense(positions):
             if d2 < best:
                 best, bi, bj = d2, i, j
     return bi, bj, np.sqrt(best)
+
+
+@njit(cache=True, nogil=False, fastmath=False)
+def small_cell_scan(pos, cell, frac, cutoff):
+    """One pass over the pairs of a small periodic cell whose lattice planes are more than 2 * cutoff
+    apart (see :func:`_small_cell_pairs`): (number of pairs closer than ``cutoff``, and the closest pair
+    (i, j, d), i < j, by minimum image). Keeps the GIL, as :func:`closest_dense`: request validation runs
+    it on the event loop."""
+    n = pos.shape[0]
+    c2 = cutoff * cutoff
+    count, best, bi, bj = 0, np.inf, 0, 0
+    for a in range(n):
+        for b in range(a + 1, n):
+            dx, dy, dz = _min_image(pos, cell, frac, a, b)
+            d2 = dx * dx + dy * dy + dz * dz
+            if d2 < c2:
+                count += 1
+            if d2 < best:
+                best, bi, bj = d2, a, b
+    return count, bi, bj, np.sqrt(best)
 
 
 def warmup() -> None:

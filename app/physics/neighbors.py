@@ -101,6 +101,18 @@ def _vesin_geometry(positions, cell, pbc, cutoff):
     return box, [bool(p) for p in pbc]
 
 
+_SMALL_CELL_MAX = 512  # periodic cells up to this many atoms (planes > 2 cutoffs apart): all pairs, no cell list
+
+
+def _small_cell(cell, pbc, cutoff: float) -> bool:
+    """Whether :func:`_small_cell_pairs` applies: periodic in all three directions, every lattice plane
+    spacing more than twice the cutoff."""
+    if not pbc.all():
+        return False
+    cross = np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]])
+    widths = abs(np.linalg.det(cell)) / np.linalg.norm(cross, axis=1)
+    return bool((widths > 2.0 * cutoff).all())
+
 _PROBE = 2.0  # Angstrom: smallest cutoff closest_pair asks vesin for
 _DENSE_MAX = 256  # isolated frames up to this many atoms: dense distance matrix (guards are then exact)
 
@@ -111,19 +123,36 @@ def _dense_distances(positions: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ijx,ijx->ij", diff, diff))
 
 
-_CLOSEST_DENSE: list = []  # [kernel or None], resolved on first use (kernels imports this module)
+_COMPILED: dict = {}  # name -> kernel or None, resolved on first use (kernels imports this module)
+
+
+def _compiled(name: str):
+    """app.physics.kernels.<name>, or None without numba (the numpy or vesin path then serves); looked up
+    once, not on every request."""
+    if name not in _COMPILED:
+        try:
+            from app.physics import kernels
+        except ImportError:
+            kernels = None
+        _COMPILED[name] = getattr(kernels, name, None)
+    return _COMPILED[name]
 
 
 def _closest_dense():
-    """app.physics.kernels.closest_dense, or None without numba (the numpy path then serves); looked up once,
-    not on every request."""
-    if not _CLOSEST_DENSE:
-        try:
-            from app.physics.kernels import closest_dense
-        except ImportError:
-            closest_dense = None
-        _CLOSEST_DENSE.append(closest_dense)
-    return _CLOSEST_DENSE[0]
+    return _compiled("closest_dense")
+
+
+def _small_cell_scan(positions, cell, pbc, cutoff):
+    """kernels.small_cell_scan's (pairs closer than cutoff, i, j, closest distance) for a small periodic
+    cell (see :func:`_small_cell`), or None where it does not apply."""
+    if len(positions) > _SMALL_CELL_MAX or not _small_cell(cell, pbc, cutoff):
+        return None
+    scan = _compiled("small_cell_scan")
+    if scan is None:
+        return None
+    frac = positions @ np.linalg.inv(cell)
+    count, i, j, d = scan(positions, cell, frac, float(cutoff))
+    return int(count), int(i), int(j), float(d)
 
 
 def closest_pair(positions, cell=None, pbc=None, within: float = 0.1) -> tuple[int, int, float] | None:
@@ -145,6 +174,10 @@ def closest_pair(positions, cell=None, pbc=None, within: float = 0.1) -> tuple[i
         np.fill_diagonal(d, np.inf)
         i, j = np.unravel_index(int(np.argmin(d)), d.shape)
         return (int(min(i, j)), int(max(i, j)), float(d[i, j])) if d[i, j] < within else None
+    scan = _small_cell_scan(positions, cell, pbc, within)
+    if scan is not None:  # small periodic cell: the minimum image is the only one within reach
+        _, i, j, d = scan
+        return (i, j, d) if d < within else None
     if not pbc.any():
         box, periodic = np.zeros((3, 3)), False
     else:
@@ -158,6 +191,19 @@ def closest_pair(positions, cell=None, pbc=None, within: float = 0.1) -> tuple[i
         return None
     k = int(np.argmin(d))
     return (int(i[k]), int(j[k]), float(d[k])) if d[k] < within else None
+
+
+def small_cell_screen(positions, cell, pbc, cutoff: float, within: float):
+    """(:func:`estimate_neighbours` at ``cutoff``, :func:`closest_pair` at ``within``) of a small periodic
+    cell from one compiled pass over its pairs, exact, as request validation asks for both (192-atom water:
+    one pass instead of a density estimate and a vesin search); None where that does not apply (then call
+    the two, the estimate first)."""
+    checked, c, p = _check_inputs(positions, cell, pbc, max(cutoff, within))
+    scan = _small_cell_scan(checked, c, p, max(cutoff, within)) if len(checked) > 1 else None
+    if scan is None:
+        return None
+    count, i, j, d = scan
+    return (2.0 * count + len(checked)) / len(checked), ((i, j, d) if d < within else None)
 
 
 def _box_for_mixed_pbc(positions, cell, pbc, cutoff):
@@ -205,6 +251,9 @@ def estimate_neighbours(positions, cell=None, pbc=None, cutoff: float = 6.0) -> 
         return 0.0
     if not pbc.any() and n <= _DENSE_MAX:  # small isolated frame: the exact count (self included, as below)
         return float(np.count_nonzero(_dense_distances(positions) < cutoff)) / n
+    scan = _small_cell_scan(positions, cell, pbc, cutoff)
+    if scan is not None:  # small periodic cell: the exact count, each pair once by its minimum image
+        return (2.0 * scan[0] + n) / n
     if not pbc.any():
         box = np.eye(3) * cutoff
     elif pbc.all():

@@ -70,6 +70,9 @@ CASES = {
     "pbc_wrong_length": ({"frames": [frame(cell=cubic(10), pbc=[True, True])]}, 422, ["frames[0].pbc", "3"]),
     "atoms_on_top_of_each_other": ({"frames": [frame(), frame(positions=[[0, 0, 0], [0, 0, 0.01], [0, 1, 0]])]}, 422,
                                    ["frames[1].positions", "atoms 0 and 1", "min_distance"]),
+    "atoms_on_top_of_each_other_across_the_cell_boundary": (
+        {"frames": [frame(positions=[[0.005, 5, 5], [14.998, 5, 5], [3, 5, 5]], cell=cubic(15))]}, 422,
+        ["frames[0].positions", "atoms 0 and 1", "0.007", "min_distance"]),
     "atom_on_its_own_periodic_image": ({"frames": [frame(cell=[[0.05, 0, 0], [0, 10, 0], [0, 0, 10]])]}, 422,
                                        ["frames[0]", "too"]),
     "neighbour_explosion": ({"frames": [{"species": ["H"] * 300, "positions": (rng.random((300, 3)) * 3.0).tolist(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app.physics import neighbors
 from app.physics.neighbors import closest_pair, estimate_neighbours, neighbor_list
 
 
@@ -73,7 +74,6 @@ def test_closest_pair_of_small_molecules_is_the_same_compiled_or_numpy(monkeypat
     """Isolated frames up to 256 atoms take a compiled loop (app.physics.kernels.closest_dense) when numba is
     there: the same pair, ties included, and the same distance as the numpy distance matrix."""
     pytest.importorskip("app.physics.kernels")
-    from app.physics import neighbors
 
     rng = np.random.default_rng(0)
     cases = []
@@ -93,3 +93,55 @@ def test_closest_pair_of_small_molecules_is_the_same_compiled_or_numpy(monkeypat
         if ref is not None:
             assert got[:2] == ref[:2] and abs(got[2] - ref[2]) < 1e-12
     assert neighbors.closest_pair(cases[-1], within=0.5) is None
+
+
+def _skewed_cells():
+    for skew in (0.0, 0.4):
+        yield np.array([[9.0, 0, 0], [skew * 9.0, 9.5, 0], [0.3 * skew * 9, -skew * 3, 10.0]])
+
+
+def test_small_periodic_cells_count_neighbours_exactly():
+    """A periodic cell of up to _SMALL_CELL_MAX atoms, planes more than two cutoffs apart: the estimate is
+    the exact mean (self included), by minimum image."""
+    rng = np.random.default_rng(4)
+    for cell in _skewed_cells():
+        for n in (2, 60, neighbors._SMALL_CELL_MAX):
+            pos = rng.uniform(-0.5, 1.5, size=(n, 3)) @ cell
+            assert neighbors._small_cell_scan(pos, cell, np.ones(3, bool), 4.0) is not None
+            assert estimate_neighbours(pos, cell, None, 4.0) == pytest.approx(_true_mean(pos, cell, None, 4.0) + 1, rel=1e-12)
+
+
+def test_small_periodic_cells_find_the_closest_pair_as_vesin(monkeypatch):
+    rng = np.random.default_rng(6)
+    cases = []
+    for cell in _skewed_cells():
+        for n in (2, 40, 300):
+            pos = rng.uniform(-0.5, 1.5, size=(n, 3)) @ cell
+            cases.append((pos, cell))
+            close = pos.copy()
+            close[1] = close[0] + cell[2] + [0.05, -0.02, 0.01]  # 0.055 A from atom 0's image
+            cases.append((close, cell))
+    within = 1.5
+    fast = [neighbors.closest_pair(p, c, None, within) for p, c in cases]
+    assert any(f is not None and f[:2] == (0, 1) and f[2] < 0.06 for f in fast)
+    monkeypatch.setitem(neighbors._COMPILED, "small_cell_scan", None)  # vesin's path
+    for (p, c), got in zip(cases, fast, strict=True):
+        ref = neighbors.closest_pair(p, c, None, within)
+        assert (got is None) == (ref is None)
+        if ref is not None:
+            assert sorted(got[:2]) == sorted(ref[:2]) and got[2] == pytest.approx(ref[2], abs=1e-12)
+
+
+def test_small_cell_screen_is_the_estimate_and_the_closest_pair_in_one_pass():
+    rng = np.random.default_rng(8)
+    for cell in _skewed_cells():
+        pos = rng.uniform(0, 1, size=(120, 3)) @ cell
+        pos[7] = pos[3] - cell[0] + 0.04  # 0.069 A from atom 3's image
+        est, pair = neighbors.small_cell_screen(pos, cell, None, 4.0, 0.1)
+        assert est == pytest.approx(_true_mean(pos, cell, None, 4.0) + 1, rel=1e-12)
+        assert pair[:2] == (3, 7) and pair[2] == pytest.approx(0.04 * np.sqrt(3), rel=1e-9)
+        assert neighbors.small_cell_screen(pos, cell, None, 4.0, 0.06)[1] is None
+    thin = np.diag([9.0, 9.0, 7.0])
+    pos = rng.uniform(0, 1, size=(20, 3)) @ thin
+    assert neighbors.small_cell_screen(pos, thin, None, 4.0, 0.5) is None  # planes 7 A apart: not two cutoffs
+    assert neighbors.small_cell_screen(pos, None, None, 4.0, 0.5) is None  # isolated
