@@ -284,7 +284,7 @@ def _cpu_per_request(pid: int | None, run) -> dict:
     t1, c1 = _thread_cpu(pid), time.process_time()
     n = max(res["requests"], 1)
     loop = t1.get(pid, 0.0) - t0.get(pid, 0.0) if pid is not None else float("nan")
-    others = sum(v - t0.get(tid, 0.0) for tid, v in t1.items() if tid != pid)
+    others = sum(v - t0.get(tid, 0.0) for tid, v in t1.items() if tid != pid) if pid is not None else float("nan")
     res["cpu_us_per_request"] = {"server_event_loop": 1e6 * loop / n, "server_other_threads": 1e6 * others / n,
                                  "client": 1e6 * (c1 - c0) / n}
     return res

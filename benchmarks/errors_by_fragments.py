@@ -38,14 +38,17 @@ def analyse(model: DeepPotModel, systems, bond: float, only_val: bool) -> list[d
     groups: dict[tuple, list] = defaultdict(list)
     for s in systems:
         types = np.array([model.type_map.index(e) for e in s.type_map])[s.types]
-        val = set(split.get(system_key(s.name), []))
+        key = system_key(s.name)
+        if only_val and key not in split:
+            raise SystemExit(f"model manifest has no training split for system {key}")
+        val = set(split.get(key, []))
         frames = sorted(val) if only_val else range(s.nframes)
         for f in frames:
             x = s.coords[f]
             r = model.predict([Frame(types, x, None, None)])[0]
             de = (r["energy"] - s.energies[f]) / len(x)
             df = r["forces"] - s.forces[f]
-            groups[(Path(s.name).name, fragments(x, bond))].append((de, float((df**2).mean()), f in val))
+            groups[(key, fragments(x, bond))].append((de, float((df**2).mean()), f in val))
     rows = []
     for (name, nfrag), v in sorted(groups.items()):
         de = np.array([e for e, _, _ in v])

@@ -1041,7 +1041,10 @@ def warmup() -> None:
         types = np.array([0, 1, 1, 0])
         pair_list(positions, None, None, 2.5)  # the isolated-molecule path
         closest_dense(positions)  # request validation of small molecules
-        pairs = pair_list(positions, np.eye(3) * 5.0, [True] * 3, 2.5)
+        pairs = pair_list(positions, np.eye(3) * 5.0, [True] * 3, 2.5)  # vesin: planes exactly 2 cutoffs apart
+        small = np.eye(3) * 6.0  # more than 2 cutoffs: the small-cell pair loop and the validation scan
+        pair_list(positions, small, [True] * 3, 2.5)
+        small_cell_scan(positions, small, positions @ np.linalg.inv(small), 2.5)
         for desc in (SeA(2.5, 0.5, [2, 4]), LocFrame(2.5, [1, 2], [1, 2], [[[1, 0], [1, 1]], [[0, 0], [1, 0]]])):
             ch = compute(desc, pairs, types)
             forces, virial = np.zeros((len(types), 3)), np.zeros((3, 3))

@@ -142,10 +142,11 @@ def _closest_dense():
     return _compiled("closest_dense")
 
 
-def _small_cell_scan(positions, cell, pbc, cutoff):
+def _small_cell_scan(positions, cell, pbc, cutoff, reach=None):
     """kernels.small_cell_scan's (pairs closer than cutoff, i, j, closest distance) for a small periodic
-    cell (see :func:`_small_cell`), or None where it does not apply."""
-    if len(positions) > _SMALL_CELL_MAX or not _small_cell(cell, pbc, cutoff):
+    cell (see :func:`_small_cell`; planes more than 2 * ``reach`` apart, by default the cutoff), or None
+    where it does not apply."""
+    if len(positions) > _SMALL_CELL_MAX or not _small_cell(cell, pbc, cutoff if reach is None else reach):
         return None
     scan = _compiled("small_cell_scan")
     if scan is None:
@@ -199,7 +200,8 @@ def small_cell_screen(positions, cell, pbc, cutoff: float, within: float):
     one pass instead of a density estimate and a vesin search); None where that does not apply (then call
     the two, the estimate first)."""
     checked, c, p = _check_inputs(positions, cell, pbc, max(cutoff, within))
-    scan = _small_cell_scan(checked, c, p, max(cutoff, within)) if len(checked) > 1 else None
+    # counted at the cutoff; the closest pair (over all pairs) is exact if within < half the plane spacing too
+    scan = _small_cell_scan(checked, c, p, cutoff, reach=max(cutoff, within)) if len(checked) > 1 else None
     if scan is None:
         return None
     count, i, j, d = scan

@@ -102,3 +102,18 @@ def test_the_neighbour_limit_holds_for_small_isolated_frames(tiny_store):
         assert c.post("/predict", json={"model": SE, "frames": [fits]}).status_code == 200
         r = c.post("/predict", json={"model": SE, "frames": [fits, over]})
         assert r.status_code == 422 and "frames[1].positions" in message(r) and "too dense" in message(r)
+
+
+def test_a_small_dense_periodic_cell_is_refused_by_its_exact_count(tiny_store, monkeypatch):
+    """A small periodic cell is counted exactly, in one pass (no estimate): 500 atoms in a 13 A cube, about
+    twice liquid water's density (~200 neighbours each within 6 A), against max_neighbours_per_atom = 100."""
+    pos = np.random.default_rng(3).uniform(0, 13.0, (500, 3))
+    species = (["O", "H", "H"] * 167)[:500]
+    body = {"model": SE, "frames": [{"species": species, "positions": pos.tolist(), "cell": (np.eye(3) * 13.0).tolist()}]}
+    from app.inference import validation
+
+    monkeypatch.setattr(validation, "estimate_neighbours", lambda *a: pytest.fail("the estimate was used"))
+    with TestClient(create_app(make_settings(tiny_store, max_neighbours_per_atom=100))) as c:
+        r = c.post("/predict", json=body)
+        assert r.status_code == 422 and "too dense" in message(r) and "max_neighbours_per_atom = 100" in message(r)
+        still_serves(c)

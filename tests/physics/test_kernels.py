@@ -4,6 +4,8 @@ loc_frame's awkward cases; the pair list against vesin's full list; the backend 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -264,13 +266,31 @@ def test_small_periodic_cells_take_all_pairs_exactly_as_vesin(monkeypatch):
         _same_pairs(kernels.pair_list(positions, cell, [True] * 3, cutoff), nl, n)
 
 
-def test_cells_too_thin_or_open_or_large_go_to_vesin():
+def test_cells_too_thin_or_open_or_large_go_to_vesin(monkeypatch):
     cube = np.eye(3) * 7.0
     assert not kernels._small_cell(cube, np.ones(3, bool), 3.5)  # planes exactly two cutoffs apart
     assert not kernels._small_cell(cube, np.array([True, True, False]), 3.0)
     thin = np.diag([7.0, 7.0, 5.9])
     assert not kernels._small_cell(thin, np.ones(3, bool), 3.0)
     rng = np.random.default_rng(12)
-    for cell, n in ((thin, 50), (cube, kernels._SMALL_CELL_MAX + 1)):
-        positions = rng.uniform(0, 1, size=(n, 3)) @ cell
-        _same_pairs(kernels.pair_list(positions, cell, [True] * 3, 3.0), neighbor_list(positions, cell, [True] * 3, 3.0), n)
+    cases = [(cell, n, rng.uniform(0, 1, size=(n, 3)) @ cell) for cell, n in ((thin, 50), (cube, kernels._SMALL_CELL_MAX + 1))]
+    expected = [neighbor_list(positions, cell, [True] * 3, 3.0) for cell, _, positions in cases]
+    monkeypatch.setattr(kernels, "_small_cell_pairs", lambda *a: pytest.fail("small-cell loop was called"))
+    for (cell, n, positions), nl in zip(cases, expected, strict=True):
+        _same_pairs(kernels.pair_list(positions, cell, [True] * 3, 3.0), nl, n)
+
+
+def test_warmup_compiles_every_kernel():
+    """In a fresh process, warmup() leaves no kernel to compile on a request (the validation scan runs on the
+    event loop: compiling it there would stall every client for a second)."""
+    import subprocess
+    import sys
+
+    entry_points = ["_group_pairs", "_dense_pairs", "_small_cell_pairs", "closest_dense", "small_cell_scan",
+                    "_se_a_env", "_se_a_vjp", "_loc_frame_env", "_loc_frame_vjp", "_reduce"]
+    # (helpers called only from other kernels compile into them; loaded from numba's cache they show none)
+    code = ("from app.physics import kernels\nkernels.warmup()\n"
+            f"print([n for n in {entry_points!r} if not getattr(kernels, n).signatures])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.stdout.strip() == "[]", out.stdout
