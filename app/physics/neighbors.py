@@ -104,14 +104,16 @@ def _vesin_geometry(positions, cell, pbc, cutoff):
 _SMALL_CELL_MAX = 512  # periodic cells up to this many atoms (planes > 2 cutoffs apart): all pairs, no cell list
 
 
+def _plane_spacings(box: np.ndarray) -> np.ndarray:
+    """(3,) distances between neighbouring lattice planes of a non-degenerate box: V / |a_j x a_k|."""
+    return abs(np.linalg.det(box)) / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)
+
+
 def _small_cell(cell, pbc, cutoff: float) -> bool:
     """Whether :func:`_small_cell_pairs` applies: periodic in all three directions, every lattice plane
     spacing more than twice the cutoff."""
-    if not pbc.all():
-        return False
-    cross = np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]])
-    widths = abs(np.linalg.det(cell)) / np.linalg.norm(cross, axis=1)
-    return bool((widths > 2.0 * cutoff).all())
+    return bool(pbc.all() and (_plane_spacings(cell) > 2.0 * cutoff).all())
+
 
 _PROBE = 2.0  # Angstrom: smallest cutoff closest_pair asks vesin for
 _DENSE_MAX = 256  # isolated frames up to this many atoms: dense distance matrix (guards are then exact)
@@ -263,7 +265,7 @@ def estimate_neighbours(positions, cell=None, pbc=None, cutoff: float = 6.0) -> 
     else:
         box = _box_for_mixed_pbc(positions, cell, pbc, cutoff)
     volume = abs(np.linalg.det(box))
-    widths = volume / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)  # (3,) plane spacings
+    widths = _plane_spacings(box)
     frac = positions @ np.linalg.inv(box)  # (N, 3)
     nbins = np.ones(3, dtype=np.int64)
     frac_bin_volume = 1.0
