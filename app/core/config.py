@@ -60,6 +60,17 @@ class Settings(BaseSettings):
     chunk_atoms: int = Field(8192, ge=1, description="centre atoms per onnxruntime run inside one model call "
                              "(bounds memory for huge frames; exact, the model is local)")
 
+    model_process: Literal["auto", "on", "off"] = Field(
+        "auto", description="run model calls in a child process per model, so the model and the event loop do not "
+        "share a GIL (CPU provider only). auto: calls of several concurrent requests within model_process_max_atoms, "
+        "the child started at the first such call; on: every call within model_process_max_atoms, the child "
+        "started with the model; off: all calls in the server process. 64 clients of one 7-atom molecule each, "
+        "2 cores: see docs/api.md")
+    model_process_threads: int = Field(1, ge=1, description="onnxruntime and numba threads of a model's child "
+                                       "process (1: it shares the machine with the event loop)")
+    model_process_max_atoms: int = Field(4096, ge=1, description="largest model call (atoms) sent to the child "
+                                         "process; larger calls run in the server process's worker thread")
+
     # -- request limits ----------------------------------------------------------------------------------
     max_body_bytes: int = Field(128 * 2**20, ge=1, description="largest request body, bytes (413 beyond)")
     max_frames_per_request: int = Field(10_000, ge=1, description="frames in one request (413 beyond)")

@@ -43,6 +43,9 @@ class Metrics:
                                         buckets=_FRAMES, registry=r)
         self.model_seconds = Histogram("dpserve_model_call_seconds", "wall time of one model call, seconds",
                                        ["model"], buckets=_LATENCY, registry=r)
+        self.model_calls = Counter("dpserve_model_calls", "model calls by where they ran: 'process' (the model's "
+                                   "child process) or 'thread' (the server process's worker thread)",
+                                   ["model", "where"], registry=r)
         self.atoms = Counter("dpserve_atoms", "atoms evaluated (rate() gives atoms per second)", ["model"], registry=r)
         self.atoms_per_second = Gauge("dpserve_atoms_per_second", "atoms per second of the last model call",
                                       ["model"], registry=r)

@@ -18,6 +18,12 @@ Policy, per model:
   matrix kernel may differ, far below 1e-9 relative in float64).
 * If a batched call fails, each request of it is retried alone, so a failure stays with the request that
   caused it.
+* Where a call runs (``process``): 'off', always in the worker thread; 'auto', a call of several requests
+  and at most ``process_max_atoms`` atoms goes to the model's child process
+  (:mod:`app.inference.procworker`, started at the first such call; until it is ready, and whenever it
+  fails, the worker thread computes), so the model and the event loop do not share a GIL; 'on', the child
+  is started with the batcher and takes every call within ``process_max_atoms``. Only models on the CPU
+  provider get a child. A lone request (an MD code stepping) and large frames stay in the worker thread.
 
 Overload and deadlines:
 
@@ -34,6 +40,7 @@ Overload and deadlines:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -46,10 +53,12 @@ from app.core.errors import ServiceError
 from app.core.metrics import Metrics
 from app.inference.model import DeepPotModel, Frame
 from app.inference.packing import predict_frames
+from app.inference.procworker import ModelProcess, ModelProcessGone
 
 __all__ = ["Batcher"]
 
 log = logging.getLogger(__name__)
+_PROCESS_DEPTH = 3  # calls in flight to a model's child process
 
 
 @dataclass
@@ -63,7 +72,10 @@ class _Job:
 class Batcher:
     def __init__(self, model: DeepPotModel, *, wait_s: float = 0.002, max_batch_atoms: int = 65536,
                  chunk_atoms: int = 8192, metrics: Metrics | None = None, incoming: Callable[[], int] = lambda: 0,
-                 max_queue_requests: int | None = None, max_queue_atoms: int | None = None):
+                 max_queue_requests: int | None = None, max_queue_atoms: int | None = None,
+                 process: str = "off", process_threads: int = 1, process_max_atoms: int = 4096):
+        if process not in ("off", "auto", "on"):
+            raise ValueError(f"process must be one of 'off', 'auto', 'on', got {process!r}")
         self.model = model
         self.label = f"{model.name}/{model.version}"
         self.wait_s = wait_s
@@ -75,21 +87,28 @@ class Batcher:
         self.max_queue_requests = max_queue_requests
         self.max_queue_atoms = max_queue_atoms
         self.closing = False
-        self._current: list[_Job] = []  # the jobs of the model call running now
+        self._current: list[_Job] = []  # the jobs of the model calls running now
+        self._in_flight: set[asyncio.Task] = set()  # calls in the child process
         self._atoms_per_s = 0.0  # throughput of recent calls (for Retry-After)
         self._jobs: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dpserve-{model.name}")
         self._task: asyncio.Task | None = None
+        self.process_mode = process
+        self.process_max_atoms = process_max_atoms
+        on_cpu = list(getattr(model, "providers", [])) == ["CPUExecutionProvider"]
+        self.process = ModelProcess(model, threads=process_threads) if process != "off" and on_cpu else None
 
     @property
     def running(self) -> bool:
         """Whether a model call is in progress."""
-        return bool(self._current)
+        return bool(self._current) or bool(self._in_flight)
 
     # -- life cycle -------------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher {self.label}")
+        if self.process is not None and self.process_mode == "on":
+            self.process.ensure_started()
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Refuse new requests, finish the queued and running ones (at most ``timeout`` seconds), then stop
@@ -102,12 +121,15 @@ class Batcher:
             log.warning("%s: %d requests still queued after %g s of draining; refusing them", self.label,
                         len(self._jobs), timeout)
         current = list(self._current)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in [self._task, *self._in_flight]:
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        if self.process is not None:
+            await self.process.aclose()
         for job in [*current, *self._jobs]:
             if not job.future.done():
                 job.future.set_exception(ServiceError(503, "the server is shutting down; retry",
@@ -194,46 +216,115 @@ class Batcher:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        queued_while_busy = False
         while True:
             await self._wake.wait()
             if not self._jobs:
                 self._wake.clear()
+                queued_while_busy = False
                 continue
-            deadline = loop.time() + self.wait_s
+            # requests that queued up during the last call have waited long enough: they go now, so the model
+            # is not left idle while the event loop answers that call (the partner wait is for an idle model)
+            busy = queued_while_busy or bool(self._in_flight)
+            deadline = loop.time() + (0.0 if busy else self.wait_s)
             while self.incoming() > 0 and self._queued_atoms() < self.max_batch_atoms and loop.time() < deadline:
                 await asyncio.sleep(min(2e-4, max(deadline - loop.time(), 0.0)))
             batch = self._take()
             if not self._jobs:
                 self._wake.clear()
-            if batch:
-                self._current = batch
-                try:
-                    await self._run(batch)
-                finally:
-                    self._current = []
+            if not batch:
+                continue
+            if self._to_process(batch):
+                # a second call may wait in the child while the first runs: the child does not idle while this
+                # loop answers the first call's requests
+                task = loop.create_task(self._run_process(batch))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+                if len(self._in_flight) >= _PROCESS_DEPTH:
+                    await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await self._run(batch)
+            queued_while_busy = bool(self._jobs)
 
-    async def _run(self, batch: list[_Job]) -> None:
-        loop = asyncio.get_running_loop()
-        frames = [f for job in batch for f in job.frames]
-        owner = [job for job in batch for _ in job.frames]
-        want_ae = any(job.atomic_energies for job in batch)
-        # a frame whose request is already answered (deadline passed, client gone) is not computed further:
-        # the worker thread only reads the future's done flag
-        cancelled = lambda k: owner[k].future.done()  # noqa: E731
+    def _to_process(self, batch: list[_Job]) -> bool:
+        """Whether this call goes to the child process (see the module docstring); starts the child when
+        the first call that should go there finds none."""
+        proc = self.process
+        if proc is None or sum(j.atoms for j in batch) > self.process_max_atoms:
+            return False
+        concurrent = len(batch) > 1 or bool(self._jobs) or bool(self._in_flight) or self.incoming() > 0
+        if self.process_mode == "auto" and not concurrent:
+            return False  # a lone client: the worker thread answers without the round trip
+        if not proc.ready:
+            proc.ensure_started()  # the first time, or again after a failure (rate-limited)
+            return False
+        return True
+
+    async def _run_process(self, batch: list[_Job]) -> None:
+        """One call in the child process; on ModelProcessGone the worker thread computes it instead."""
+        self._current.extend(batch)
         try:
-            results = await loop.run_in_executor(self._executor, self._predict, frames, want_ae, len(batch), cancelled)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            if len(batch) > 1:
-                log.warning("batched call of %s failed (%s); retrying its %d requests one by one",
-                            self.label, e, len(batch))
-                for job in batch:
-                    await self._run([job])
+            frames = [f for job in batch for f in job.frames]
+            want_ae = any(job.atomic_energies for job in batch)
+            t0 = time.perf_counter()
+            try:
+                results = await self.process.call(frames, want_ae, self.chunk_atoms)
+            except ModelProcessGone:
+                results = None  # logged by the process
+            except Exception as e:
+                await self._failed(batch, e)
                 return
-            if not batch[0].future.done():
-                batch[0].future.set_exception(e)
+            if results is None:
+                await self._run(batch, adopt=False)
+                return
+            self._record(frames, results, time.perf_counter() - t0, len(batch), "process")
+            self._deliver(batch, results)
+        finally:
+            for job in batch:
+                with contextlib.suppress(ValueError):
+                    self._current.remove(job)
+
+    async def _run(self, batch: list[_Job], adopt: bool = True) -> None:
+        """One call in the worker thread."""
+        if adopt:
+            self._current.extend(batch)
+        try:
+            loop = asyncio.get_running_loop()
+            frames = [f for job in batch for f in job.frames]
+            owner = [job for job in batch for _ in job.frames]
+            want_ae = any(job.atomic_energies for job in batch)
+            # a frame whose request is already answered (deadline passed, client gone) is not computed further:
+            # the worker thread only reads the future's done flag
+            cancelled = lambda k: owner[k].future.done()  # noqa: E731
+            try:
+                results = await loop.run_in_executor(self._executor, self._predict, frames, want_ae, len(batch),
+                                                     cancelled)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                await self._failed(batch, e)
+                return
+            self._deliver(batch, results)
+        finally:
+            if adopt:
+                for job in batch:
+                    with contextlib.suppress(ValueError):
+                        self._current.remove(job)
+
+    async def _failed(self, batch: list[_Job], e: Exception) -> None:
+        """A call failed: retry each request of it alone (in the worker thread), so a failure stays with the
+        request that caused it."""
+        if len(batch) > 1:
+            log.warning("batched call of %s failed (%s); retrying its %d requests one by one",
+                        self.label, e, len(batch))
+            for job in batch:
+                await self._run([job], adopt=False)
             return
+        if not batch[0].future.done():
+            batch[0].future.set_exception(e)
+
+    @staticmethod
+    def _deliver(batch: list[_Job], results: list[dict]) -> None:
         offset = 0
         for job in batch:
             part = results[offset : offset + len(job.frames)]
@@ -250,19 +341,26 @@ class Batcher:
         results = predict_frames(self.model, frames, atomic_energies=atomic_energies, chunk_atoms=self.chunk_atoms,
                                  cancelled=cancelled)
         dt = time.perf_counter() - t0
+        if not (cancelled is not None and any(cancelled(k) for k in range(len(frames)))):
+            self._record(frames, results, dt, n_requests, "thread")
+        elif self.metrics is not None:
+            self._record(frames, results, dt, n_requests, "thread", rate=False)
+        return results
+
+    def _record(self, frames, results, dt: float, n_requests: int, where: str, rate: bool = True) -> None:
         atoms = sum(len(f.types) for f in frames)
-        if dt > 0 and not (cancelled is not None and any(cancelled(k) for k in range(len(frames)))):
-            rate = atoms / dt
-            self._atoms_per_s = rate if self._atoms_per_s == 0 else 0.8 * self._atoms_per_s + 0.2 * rate
+        if rate and dt > 0:
+            r = atoms / dt
+            self._atoms_per_s = r if self._atoms_per_s == 0 else 0.8 * self._atoms_per_s + 0.2 * r
         if self.metrics is not None:
             m, lab = self.metrics, self.label
             m.batch_frames.labels(lab).observe(len(frames))
             m.batch_atoms.labels(lab).observe(atoms)
             m.batch_requests.labels(lab).observe(n_requests)
             m.model_seconds.labels(lab).observe(dt)
+            m.model_calls.labels(lab, where).inc()
             m.atoms.labels(lab).inc(atoms)
             m.atoms_per_second.labels(lab).set(atoms / dt if dt > 0 else 0.0)
             dropped = sum(r["n_dropped"] for r in results)
             if dropped:
                 m.dropped.labels(lab).inc(dropped)
-        return results

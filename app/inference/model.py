@@ -96,6 +96,7 @@ class DeepPotModel:
 
     def __init__(self, directory: Path, manifest: dict, session, providers: list[str]):
         self.compressed = None  # app.inference.compressed.CompressedSeA when serving tabulated embeddings
+        self.load_options: dict = {}  # the options of load() but the thread count (app.inference.procworker)
         self.directory = Path(directory)
         self.manifest = manifest
         self.session = session
@@ -175,6 +176,8 @@ class DeepPotModel:
                 f"{manifest['type_map']} names {len(manifest['type_map'])}; inputs {extra} belong to no element: "
                 "the manifest is not the one of this graph")
         model = cls(directory, manifest, session, providers)
+        model.load_options = {"device": device, "cpu_arena": cpu_arena, "compression": compression,
+                              "table_stride": table_stride, "table_r_min": table_r_min}  # to load it again elsewhere
         if model.physics_backend == "numba":
             try:
                 from app.physics import kernels

@@ -126,7 +126,9 @@ class PredictionService:
                 s = self.settings
                 b = Batcher(model, wait_s=s.batch_wait_ms / 1000, max_batch_atoms=s.max_batch_atoms,
                             chunk_atoms=s.chunk_atoms, metrics=self.metrics, incoming=lambda: self.incoming,
-                            max_queue_requests=s.max_queue_requests, max_queue_atoms=s.max_queue_atoms)
+                            max_queue_requests=s.max_queue_requests, max_queue_atoms=s.max_queue_atoms,
+                            process=s.model_process, process_threads=s.model_process_threads,
+                            process_max_atoms=s.model_process_max_atoms)
                 b.start()
                 self._live.add(b)
             out[key] = b
