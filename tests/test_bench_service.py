@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -49,6 +50,30 @@ def test_cpu_per_request_splits_main_thread_from_the_others():
     assert 20_000 < c["server_event_loop"] < 60_000  # clock ticks are 10 ms
     assert 20_000 < c["server_other_threads"] < 60_000
     assert c["client"] > 40_000  # the whole process, both threads
+
+
+@linux
+def test_cpu_per_request_counts_the_model_child_processes():
+    """A child process burns 0.3 s of CPU over 10 'requests': about 30 ms each in its column, little elsewhere."""
+    code = ("import sys, time\nsys.stdin.readline()\nend = time.process_time() + 0.3\n"
+            "while time.process_time() < end: pass\nprint('done', flush=True)\nsys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.pid in bench._children(os.getpid())
+
+        def run():
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "done"
+            return {"requests": 10}
+
+        res = bench._cpu_per_request(os.getpid(), run)
+    finally:
+        child.stdin.close()
+        child.wait(30)
+    c = res["cpu_us_per_request"]
+    assert 20_000 < c["model_processes"] < 60_000
+    assert c["server_event_loop"] < 15_000
 
 
 def test_thread_cpu_of_a_missing_process_is_empty():

@@ -54,6 +54,7 @@ class Frame:
     positions: np.ndarray
     cell: np.ndarray | None = None
     pbc: np.ndarray | None = None
+    blocks: np.ndarray | None = None  # isolated frames packed side by side: their atom offsets (packing)
 
 
 def sha256_file(path: Path) -> str:
@@ -301,7 +302,10 @@ class DeepPotModel:
                 continue
             types = np.asarray(f.types, dtype=np.int64)
             if fast:
-                pairs = kernels.pair_list(f.positions, f.cell, f.pbc, self.rcut)
+                if f.blocks is not None:  # packed isolated frames: pairs within each, no cell list
+                    pairs = kernels.block_pair_list(f.positions, f.blocks, self.rcut)
+                else:
+                    pairs = kernels.pair_list(f.positions, f.cell, f.pbc, self.rcut)
                 chunks, j_of_pair = kernels.chunks(self.descriptor, pairs, types, chunk_atoms), None
                 if self.repulsion is not None:  # from the model's own pair list (its cutoff is larger)
                     centres = lambda p, s=pairs.start: np.searchsorted(s, p, side="right") - 1  # noqa: E731

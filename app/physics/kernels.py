@@ -141,6 +141,55 @@ _DENSE_PAIRS_MAX = 64  # isolated frames up to this many atoms: all pairs direct
 
 
 @njit(**_JIT)
+def _block_pairs(pos, bounds, cutoff):
+    """Full pair list of isolated frames laid side by side (frame k: atoms bounds[k] .. bounds[k + 1]), all
+    pairs within each frame and none across, D = r_j - r_i as in :func:`_dense_pairs`. A counting pass
+    sizes the buffers exactly."""
+    n = pos.shape[0]
+    c2 = cutoff * cutoff
+    total = 0
+    for k in range(len(bounds) - 1):
+        for a in range(bounds[k], bounds[k + 1]):
+            for b in range(bounds[k], bounds[k + 1]):
+                if a != b:
+                    dx = pos[b, 0] - pos[a, 0]
+                    dy = pos[b, 1] - pos[a, 1]
+                    dz = pos[b, 2] - pos[a, 2]
+                    if dx * dx + dy * dy + dz * dz < c2:
+                        total += 1
+    start = np.zeros(n + 1, np.int64)
+    js = np.empty(total, np.int64)
+    Ds = np.empty((total, 3))
+    q = 0
+    for k in range(len(bounds) - 1):
+        for a in range(bounds[k], bounds[k + 1]):
+            for b in range(bounds[k], bounds[k + 1]):
+                if a != b:
+                    dx = pos[b, 0] - pos[a, 0]
+                    dy = pos[b, 1] - pos[a, 1]
+                    dz = pos[b, 2] - pos[a, 2]
+                    if dx * dx + dy * dy + dz * dz < c2:
+                        js[q] = b
+                        Ds[q, 0], Ds[q, 1], Ds[q, 2] = dx, dy, dz
+                        q += 1
+            start[a + 1] = q
+    return start, js, Ds
+
+
+def block_pair_list(positions, bounds, cutoff: float = 6.0) -> PairList:
+    """:func:`pair_list` of isolated frames laid side by side, when no pair can cross frames (packed
+    frames: :mod:`app.inference.packing` spaces them by more than the cutoff): all pairs within each frame,
+    no cell list (for 7-atom molecules vesin's cell list over the packed frame cost 16 us per molecule).
+    ``bounds`` (m + 1,): frame k is atoms bounds[k] .. bounds[k + 1], covering all atoms."""
+    positions, _, _ = _check_inputs(positions, None, None, cutoff)
+    bounds = np.ascontiguousarray(bounds, dtype=np.int64)
+    if bounds[0] != 0 or bounds[-1] != len(positions) or np.any(np.diff(bounds) < 0):
+        raise ValueError(f"bounds must rise from 0 to the {len(positions)} atoms, got {bounds[0]} .. {bounds[-1]}")
+    start, js, Ds = _block_pairs(np.ascontiguousarray(positions, dtype=np.float64), bounds, float(cutoff))
+    return PairList(start, js, Ds)
+
+
+@njit(**_JIT)
 def _min_image(pos, cell, frac, a, b):
     """r_b - r_a + S @ cell with S = -round(f_b - f_a) (fractional f), formed as vesin forms pair vectors."""
     s0 = -np.round(frac[b, 0] - frac[a, 0])
@@ -1040,6 +1089,7 @@ def warmup() -> None:
         positions = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0], [3.0, 0.1, 0.2]])
         types = np.array([0, 1, 1, 0])
         pair_list(positions, None, None, 2.5)  # the isolated-molecule path
+        block_pair_list(positions, np.array([0, 3, 4]), 2.5)  # packed molecules
         closest_dense(positions)  # request validation of small molecules
         pairs = pair_list(positions, np.eye(3) * 5.0, [True] * 3, 2.5)  # vesin: planes exactly 2 cutoffs apart
         small = np.eye(3) * 6.0  # more than 2 cutoffs: the small-cell pair loop and the validation scan

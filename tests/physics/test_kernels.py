@@ -147,6 +147,26 @@ def test_small_isolated_frames_take_all_pairs_exactly_as_vesin():
         _same_pairs(kernels.pair_list(positions, None, None, 3.0), neighbor_list(positions, None, None, 3.0), n)
 
 
+def test_packed_frames_take_all_pairs_within_each_frame_exactly_as_vesin():
+    """block_pair_list of molecules packed more than a cutoff apart (app.inference.packing) = vesin's list of
+    the packed frame: same pairs, same vectors bit for bit; none across frames; bad bounds refused."""
+    rng = np.random.default_rng(11)
+    sizes = [1, 7, 3, 20, 2]
+    parts, shift = [], 0.0
+    for n in sizes:
+        parts.append(rng.uniform(-2, 2, size=(n, 3)) + [shift, 0.3 * shift, 0.0])
+        shift += 4.0 + 3.5 + 0.5  # extent + cutoff + margin
+    positions = np.concatenate(parts)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    pairs = kernels.block_pair_list(positions, bounds, 3.5)
+    _same_pairs(pairs, neighbor_list(positions, None, None, 3.5), len(positions))
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    centres = np.repeat(np.arange(len(positions)), np.diff(pairs.start))
+    assert np.all(owner[pairs.j] == owner[centres])
+    with pytest.raises(ValueError, match="bounds"):
+        kernels.block_pair_list(positions, bounds[:-1], 3.5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # loc_frame's awkward cases and the other corners
 
@@ -286,7 +306,7 @@ def test_warmup_compiles_every_kernel():
     import subprocess
     import sys
 
-    entry_points = ["_group_pairs", "_dense_pairs", "_small_cell_pairs", "closest_dense", "small_cell_scan",
+    entry_points = ["_group_pairs", "_dense_pairs", "_block_pairs", "_small_cell_pairs", "closest_dense", "small_cell_scan",
                     "_se_a_env", "_se_a_vjp", "_loc_frame_env", "_loc_frame_vjp", "_reduce"]
     # (helpers called only from other kernels compile into them; loaded from numba's cache they show none)
     code = ("from app.physics import kernels\nkernels.warmup()\n"
