@@ -261,17 +261,21 @@ def _http(method: str, path: str, body: bytes = b"") -> bytes:
     return (head + "\r\n").encode() + body
 
 
+def _tasks(pid: int | None) -> list[str]:
+    """The thread ids of process ``pid`` (Linux /proc; empty elsewhere or when it is gone)."""
+    if pid is None:
+        return []
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+
+
 def _thread_cpu(pid: int | None) -> dict[int, float]:
     """CPU seconds (user + system) of each thread of process ``pid`` (Linux /proc; empty elsewhere)."""
     out: dict[int, float] = {}
-    if pid is None:
-        return out
     tick = os.sysconf("SC_CLK_TCK")
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
+    for tid in _tasks(pid):
         try:
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
         except OSError:
@@ -284,13 +288,7 @@ def _thread_cpu(pid: int | None) -> dict[int, float]:
 def _children(pid: int | None) -> list[int]:
     """The child processes of ``pid`` (the model processes of app.inference.procworker), Linux /proc."""
     out: list[int] = []
-    if pid is None:
-        return out
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
+    for tid in _tasks(pid):
         try:
             out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
         except OSError:

@@ -141,25 +141,8 @@ _DENSE_PAIRS_MAX = 64  # isolated frames up to this many atoms: all pairs direct
 
 
 @njit(**_JIT)
-def _block_pairs(pos, bounds, cutoff):
-    """Full pair list of isolated frames laid side by side (frame k: atoms bounds[k] .. bounds[k + 1]), all
-    pairs within each frame and none across, D = r_j - r_i as in :func:`_dense_pairs`. A counting pass
-    sizes the buffers exactly."""
-    n = pos.shape[0]
-    c2 = cutoff * cutoff
-    total = 0
-    for k in range(len(bounds) - 1):
-        for a in range(bounds[k], bounds[k + 1]):
-            for b in range(bounds[k], bounds[k + 1]):
-                if a != b:
-                    dx = pos[b, 0] - pos[a, 0]
-                    dy = pos[b, 1] - pos[a, 1]
-                    dz = pos[b, 2] - pos[a, 2]
-                    if dx * dx + dy * dy + dz * dz < c2:
-                        total += 1
-    start = np.zeros(n + 1, np.int64)
-    js = np.empty(total, np.int64)
-    Ds = np.empty((total, 3))
+def _block_scan(pos, bounds, c2, start, js, Ds, fill):
+    """Count (``fill`` False) or write the pairs within each frame of ``bounds``; returns their number."""
     q = 0
     for k in range(len(bounds) - 1):
         for a in range(bounds[k], bounds[k + 1]):
@@ -169,10 +152,26 @@ def _block_pairs(pos, bounds, cutoff):
                     dy = pos[b, 1] - pos[a, 1]
                     dz = pos[b, 2] - pos[a, 2]
                     if dx * dx + dy * dy + dz * dz < c2:
-                        js[q] = b
-                        Ds[q, 0], Ds[q, 1], Ds[q, 2] = dx, dy, dz
+                        if fill:
+                            js[q] = b
+                            Ds[q, 0], Ds[q, 1], Ds[q, 2] = dx, dy, dz
                         q += 1
-            start[a + 1] = q
+            if fill:
+                start[a + 1] = q
+    return q
+
+
+@njit(**_JIT)
+def _block_pairs(pos, bounds, cutoff):
+    """Full pair list of isolated frames laid side by side (frame k: atoms bounds[k] .. bounds[k + 1]), all
+    pairs within each frame and none across, D = r_j - r_i as in :func:`_dense_pairs`. A counting pass
+    sizes the buffers exactly."""
+    c2 = cutoff * cutoff
+    start = np.zeros(pos.shape[0] + 1, np.int64)
+    total = _block_scan(pos, bounds, c2, start, np.empty(0, np.int64), np.empty((0, 3)), False)
+    js = np.empty(total, np.int64)
+    Ds = np.empty((total, 3))
+    _block_scan(pos, bounds, c2, start, js, Ds, True)
     return start, js, Ds
 
 
