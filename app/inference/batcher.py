@@ -128,6 +128,8 @@ class Batcher:
                     await task
                 except asyncio.CancelledError:
                     pass
+                except Exception:  # a call that failed unexpectedly must not keep the rest from stopping
+                    log.exception("%s: a model call failed while stopping", self.label)
         if self.process is not None:
             await self.process.aclose()
         for job in [*current, *self._jobs]:
@@ -237,6 +239,7 @@ class Batcher:
             if self._to_process(batch):
                 # a second call may wait in the child while the first runs: the child does not idle while this
                 # loop answers the first call's requests
+                self._current.extend(batch)  # now: stop() fails these jobs even if the task never starts
                 task = loop.create_task(self._run_process(batch))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
@@ -261,8 +264,8 @@ class Batcher:
         return True
 
     async def _run_process(self, batch: list[_Job]) -> None:
-        """One call in the child process; on ModelProcessGone the worker thread computes it instead."""
-        self._current.extend(batch)
+        """One call in the child process (its jobs are in ``_current`` already); on ModelProcessGone the
+        worker thread computes it instead."""
         try:
             frames = [f for job in batch for f in job.frames]
             want_ae = any(job.atomic_energies for job in batch)

@@ -43,7 +43,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-__all__ = ["ModelProcess", "ModelProcessGone"]
+__all__ = ["ModelProcess", "ModelProcessGone", "portable"]
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ class ModelProcess:
         self.calls = 0  # answered through the child
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
-        self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._connecting: asyncio.Task | None = None  # the connection being made (one per child)
         self._read_task: asyncio.Task | None = None
         self._waiters: deque[asyncio.Future] = deque()  # one per call sent, answered in order
         self._failed_at = -float("inf")
@@ -173,20 +173,12 @@ class ModelProcess:
             self.state = "closed"
             proc, sock = self._proc, self._sock
             self._proc = self._sock = None
-        self._fail_waiters("the model process was closed")
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        elif sock is not None:
-            sock.close()
-        if self._read_task is not None:
-            self._read_task.cancel()
-            self._read_task = None
+        self._disconnect("the model process was closed", sock)
         if proc is not None:
             await asyncio.get_running_loop().run_in_executor(None, _reap, proc, timeout)
 
     def close_now(self) -> None:
-        """Kill the child without an event loop (interpreter exit, a batcher never started)."""
+        """Kill the child without an event loop (tests; a process whose batcher never ran)."""
         with self._lock:
             self.state = "closed"
             proc, sock = self._proc, self._sock
@@ -203,14 +195,22 @@ class ModelProcess:
         if self.state != "ready":
             raise ModelProcessGone(f"model process is {self.state}")
         if self._writer is None:
-            self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock, limit=2**20)
-            self._read_task = asyncio.get_running_loop().create_task(self._read_loop(), name=f"model process {self.label}")
+            # one connection per child, however many calls arrive while it is being made
+            if self._connecting is None:
+                self._connecting = asyncio.get_running_loop().create_task(self._connect(self._sock))
+            await asyncio.shield(self._connecting)
+            if self.state != "ready" or self._writer is None:
+                raise ModelProcessGone(f"model process is {self.state}")
+        data = _pack(("predict", frames, atomic_energies, chunk_atoms))  # before queueing: a failure here is ours
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)  # before the write: answers come back in the order of the calls
+        self._waiters.append(fut)  # with the write, no await between: answers come back in the order of the calls
         try:
-            self._writer.write(_pack(("predict", frames, atomic_energies, chunk_atoms)))
+            self._writer.write(data)
             await self._writer.drain()
-        except (OSError, RuntimeError) as e:
+        except asyncio.CancelledError:
+            fut.cancel()  # its answer will still come, and be skipped
+            raise
+        except Exception as e:  # the socket broke: every call in flight goes back to the batcher
             self._failed(f"{type(e).__name__}: {e}")
         kind, payload = await fut
         if kind == "ok":
@@ -218,8 +218,20 @@ class ModelProcess:
             return payload
         raise payload  # the model's exception, re-raised here
 
-    async def _read_loop(self) -> None:
-        reader = self._reader
+    async def _connect(self, sock: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
+        except Exception as e:
+            self._failed(f"cannot connect to the model process ({type(e).__name__}: {e})")
+            return
+        if self.state != "ready" or self._sock is not sock:  # failed or closed meanwhile
+            writer.close()
+            return
+        self._writer = writer
+        self._read_task = asyncio.get_running_loop().create_task(self._read_loop(reader),
+                                                                 name=f"model process {self.label}")
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 (n,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
@@ -229,34 +241,38 @@ class ModelProcess:
                     fut.set_result(msg)
         except asyncio.CancelledError:
             raise
-        except (asyncio.IncompleteReadError, OSError, pickle.UnpicklingError, IndexError) as e:
-            if self.state == "ready":
-                code = self._proc.poll() if self._proc is not None else None
-                self._failed(f"{type(e).__name__}: {e}" + (f" (exit code {code})" if code is not None else ""))
+        except Exception as e:  # EOF, a broken socket, an answer that does not unpickle: replace the child
+            code = self._proc.poll() if self._proc is not None else None
+            self._failed(f"{type(e).__name__}: {e}" + (f" (exit code {code})" if code is not None else ""))
 
     def _failed(self, why: str) -> None:
         with self._lock:
             if self.state != "ready":
                 return
             self.state, self.reason, self._failed_at = "failed", why, time.monotonic()
-            proc = self._proc
+            proc, sock = self._proc, self._sock
             self._proc = self._sock = None
         log.error("%s: the model process %s failed (%s); computing in the server process", self.label, self.pid, why)
-        self._fail_waiters(why)
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
-        task, self._read_task = self._read_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        self._disconnect(why, sock)
         if proc is not None:
-            _kill(proc)
+            proc.kill()  # reaped off the event loop
+            asyncio.get_running_loop().run_in_executor(None, _reap, proc, 5.0)
 
-    def _fail_waiters(self, why: str) -> None:
+    def _disconnect(self, why: str, sock: socket.socket | None) -> None:
+        """Fail the calls in flight and drop the connection (on the event loop)."""
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(ModelProcessGone(why))
+        if self._writer is not None:
+            self._writer.close()
+        elif sock is not None:
+            sock.close()
+        self._writer = None
+        self._connecting = None
+        task, self._read_task = self._read_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -273,6 +289,16 @@ def _reap(proc: subprocess.Popen, timeout: float) -> None:
 
 
 # -- the child ------------------------------------------------------------------------------------------
+
+
+def portable(e: Exception) -> Exception:
+    """``e`` if it survives pickling both ways, else a RuntimeError with its type and message (an exception
+    class whose ``__init__`` takes other arguments pickles but does not unpickle)."""
+    try:
+        pickle.loads(pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
 
 
 def _child_main(sock: socket.socket) -> None:
@@ -306,12 +332,11 @@ def _child_main(sock: socket.socket) -> None:
         try:
             out = ("ok", predict_frames(model, frames, atomic_energies=atomic_energies, chunk_atoms=chunk_atoms))
         except Exception as e:  # the model's failure: the parent re-raises it
-            out = ("exc", e)
+            out = ("exc", portable(e))
         try:
             data = _pack(out)
-        except Exception as e:  # an exception (or result) that does not pickle
-            data = _pack(("exc", RuntimeError(f"{type(out[1]).__name__}: {out[1]}" if out[0] == "exc" else
-                                              f"unpicklable result ({e})")))
+        except Exception as e:  # a result that does not pickle
+            data = _pack(("exc", RuntimeError(f"the model process could not send its result ({e})")))
         try:
             sock.sendall(data)
         except OSError:

@@ -212,3 +212,92 @@ def test_the_service_answers_through_the_child_process(tiny_store):
             assert f'dpserve_model_calls_total{{model="{SE}/1",where="process"}} 1.0' in metrics
     assert answers["on"]["energy"] == pytest.approx(answers["off"]["energy"], rel=1e-12)
     np.testing.assert_allclose(answers["on"]["forces"], answers["off"]["forces"], rtol=1e-10, atol=1e-13)
+
+
+def test_several_first_calls_to_a_fresh_child_all_get_answers(model):
+    """Regression: calls in flight before the first connection was made opened one each and wedged the
+    model. One molecule per call (max_batch_atoms=3), eight concurrent requests, no warm-up call."""
+    metrics = Metrics()
+
+    async def main():
+        b = Batcher(model, wait_s=0.01, metrics=metrics, process="on", max_batch_atoms=3)
+        b.start()
+        try:
+            assert await asyncio.get_running_loop().run_in_executor(None, b.process.wait_started, 120)
+            jobs = asyncio.gather(*(b.submit([molecule(0.1 * k)]) for k in range(8)), return_exceptions=True)
+            return await asyncio.wait_for(jobs, 60)
+        finally:
+            await b.stop(timeout=5)
+
+    out = asyncio.run(main())
+    assert all(isinstance(r, list) for r in out), out
+    assert calls(metrics, "process", f"{model.name}/{model.version}") >= 3
+    for k, r in enumerate(out):
+        (here,) = predict_frames(model, [molecule(0.1 * k)])
+        assert r[0]["energy"] == pytest.approx(here["energy"], rel=1e-12)
+
+
+def test_an_answer_that_does_not_unpickle_fails_over_instead_of_hanging(model, monkeypatch):
+    """Whatever breaks the read side, the calls in flight go back to the worker thread and the model keeps
+    answering (here: every error reply fails to unpickle in the parent)."""
+    import pickle
+
+    from app.inference import procworker
+
+    real = pickle.loads
+
+    def loads(data):
+        obj = real(data)
+        if isinstance(obj, tuple) and obj and obj[0] == "exc":
+            raise TypeError("simulated: this exception cannot be rebuilt")
+        return obj
+
+    monkeypatch.setattr(procworker.pickle, "loads", loads)
+    bad = Frame(types=np.array([0, 1, 7]), positions=molecule(0.0).positions)
+
+    async def main():
+        b = Batcher(model, wait_s=0.01, process="on")
+        b.start()
+        try:
+            assert await asyncio.get_running_loop().run_in_executor(None, b.process.wait_started, 120)
+            (r1,) = await asyncio.wait_for(asyncio.gather(b.submit([bad]), return_exceptions=True), 30)
+            r2 = await asyncio.wait_for(b.submit([molecule(0.3)]), 30)
+            return r1, r2, b.process.state
+        finally:
+            await b.stop(timeout=5)
+
+    r1, r2, state = asyncio.run(main())
+    assert isinstance(r1, IndexError)  # computed again in the worker thread: the model's own error
+    assert state == "failed"
+    (here,) = predict_frames(model, [molecule(0.3)])
+    assert r2[0]["energy"] == pytest.approx(here["energy"], rel=1e-12)
+
+
+def test_exceptions_that_do_not_unpickle_are_sent_as_their_type_and_message():
+    from app.core.errors import ServiceError
+    from app.inference.procworker import portable
+
+    e = IndexError("index 7 is out of bounds")
+    assert portable(e) is e
+    odd = portable(ServiceError(422, "frames[0]: bad"))
+    assert isinstance(odd, RuntimeError) and "ServiceError" in str(odd) and "frames[0]: bad" in str(odd)
+
+
+def test_stop_with_calls_in_the_child_answers_every_request(model):
+    async def main():
+        b = Batcher(model, wait_s=0.0, process="on", max_batch_atoms=6)
+        b.start()
+        assert await asyncio.get_running_loop().run_in_executor(None, b.process.wait_started, 120)
+        pid = b.process.pid
+        jobs = [asyncio.ensure_future(b.submit([molecule(0.1 * k)])) for k in range(20)]
+        await asyncio.sleep(0.01)  # some calls are in the child now
+        await asyncio.wait_for(b.stop(timeout=30), 60)
+        done = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 10)
+        return done, pid
+
+    done, pid = asyncio.run(main())
+    assert all(isinstance(r, list) for r in done), done  # drained, not dropped
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
