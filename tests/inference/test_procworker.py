@@ -301,3 +301,29 @@ def test_stop_with_calls_in_the_child_answers_every_request(model):
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(pid)
+
+
+def test_frames_and_results_cross_the_socket_as_flat_arrays_unchanged(model):
+    import pickle
+
+    from app.inference import procworker
+
+    box = Frame(types=np.array([0, 1, 1]), positions=molecule(0.2).positions, cell=np.eye(3) * 9.0,
+                pbc=np.array([True, True, False]))
+    frames = [molecule(0.0), box, molecule(0.4)]
+    back = procworker._decode_frames(pickle.loads(pickle.dumps(procworker._encode_frames(frames))))
+    for f, g in zip(frames, back, strict=True):
+        np.testing.assert_array_equal(f.types, g.types)
+        np.testing.assert_array_equal(f.positions, g.positions)
+        assert (f.cell is None) == (g.cell is None) and (f.pbc is None) == (g.pbc is None)
+    np.testing.assert_array_equal(back[1].cell, box.cell)
+    np.testing.assert_array_equal(back[1].pbc, box.pbc)
+    for ae in (False, True):
+        ref = predict_frames(model, frames, atomic_energies=ae)
+        enc = procworker._encode_results(ref, np.array([3, 3, 3]))
+        got = procworker._decode_results(pickle.loads(pickle.dumps(enc)))
+        for r, g in zip(ref, got, strict=True):
+            assert sorted(r) == sorted(g)
+            assert g["energy"] == r["energy"] and g["n_dropped"] == r["n_dropped"]
+            for k in ("forces", "virial") + (("atomic_energies",) if ae else ()):
+                np.testing.assert_array_equal(g[k], r[k])
