@@ -68,6 +68,8 @@ class Settings(BaseSettings):
         "2 cores: see docs/api.md")
     model_process_threads: int = Field(1, ge=1, description="onnxruntime and numba threads of a model's child "
                                        "process (1: it shares the machine with the event loop)")
+    model_process_max: int = Field(2, ge=1, description="model child processes at most, all models together "
+                                   "(each costs about 400 MB); further models' calls stay in the server process")
     model_process_max_atoms: int = Field(4096, ge=1, description="largest model call (atoms) sent to the child "
                                          "process; larger calls run in the server process's worker thread")
 

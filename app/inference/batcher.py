@@ -73,7 +73,8 @@ class Batcher:
     def __init__(self, model: DeepPotModel, *, wait_s: float = 0.002, max_batch_atoms: int = 65536,
                  chunk_atoms: int = 8192, metrics: Metrics | None = None, incoming: Callable[[], int] = lambda: 0,
                  max_queue_requests: int | None = None, max_queue_atoms: int | None = None,
-                 process: str = "off", process_threads: int = 1, process_max_atoms: int = 4096):
+                 process: str = "off", process_threads: int = 1, process_max_atoms: int = 4096,
+                 max_processes: int | None = None):
         if process not in ("off", "auto", "on"):
             raise ValueError(f"process must be one of 'off', 'auto', 'on', got {process!r}")
         self.model = model
@@ -97,7 +98,8 @@ class Batcher:
         self.process_mode = process
         self.process_max_atoms = process_max_atoms
         on_cpu = list(getattr(model, "providers", [])) == ["CPUExecutionProvider"]
-        self.process = ModelProcess(model, threads=process_threads) if process != "off" and on_cpu else None
+        self.process = (ModelProcess(model, threads=process_threads, max_processes=max_processes)
+                        if process != "off" and on_cpu else None)
 
     @property
     def running(self) -> bool:

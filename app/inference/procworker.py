@@ -54,6 +54,10 @@ _HEADER = struct.Struct("!Q")
 _ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the app package
 
 
+_slots_lock = threading.Lock()
+_slot_holders: set[int] = set()  # id() of the ModelProcess objects whose child is starting or ready
+
+
 class ModelProcessGone(RuntimeError):
     """The child is not available (not started, failed to start, died): compute in the parent instead."""
 
@@ -134,13 +138,15 @@ class ModelProcess:
     :meth:`ensure_started` may be called from any thread; :meth:`call` and :meth:`aclose` run on the event
     loop that first called :meth:`call`."""
 
-    def __init__(self, model, threads: int = 1, restart_after_s: float = 30.0):
+    def __init__(self, model, threads: int = 1, restart_after_s: float = 30.0, max_processes: int | None = None):
         self.label = f"{model.name}/{model.version}"
         self.directory = Path(model.directory)
         self.options = dict(getattr(model, "load_options", {}), intra_op_threads=int(threads))
         self.sha256 = model.manifest["onnx"]["sha256"]
         self.threads = int(threads)
         self.restart_after_s = restart_after_s
+        self.max_processes = max_processes  # children starting or ready in this server, all models together
+        self._refused_logged = False
         self.state = "idle"  # idle -> starting -> ready; failed (restartable); closed
         self.reason = ""  # why the last child failed, for logs and tests
         self.pid: int | None = None
@@ -171,9 +177,29 @@ class ModelProcess:
                 return
             if self.state == "failed" and time.monotonic() - self._failed_at < self.restart_after_s:
                 return
+            if not self._take_slot():
+                return
             self.state = "starting"
             self._starter = threading.Thread(target=self._start, name=f"dpserve-spawn-{self.label}", daemon=True)
             self._starter.start()
+
+    def _take_slot(self) -> bool:
+        """Count this child against ``max_processes`` (each costs ~400 MB: its own interpreter, onnxruntime,
+        numba and the model); False when all are taken (logged once; calls stay in the worker thread)."""
+        with _slots_lock:
+            if self.max_processes is not None and id(self) not in _slot_holders \
+                    and len(_slot_holders) >= self.max_processes:
+                if not self._refused_logged:
+                    log.info("%s: %d model processes run already (model_process_max); this model's calls stay "
+                             "in the server process", self.label, len(_slot_holders))
+                    self._refused_logged = True
+                return False
+            _slot_holders.add(id(self))
+            return True
+
+    def _free_slot(self) -> None:
+        with _slots_lock:
+            _slot_holders.discard(id(self))
 
     def wait_started(self, timeout: float | None = None) -> bool:
         """Start a child if needed and wait until it is ready or has failed; returns whether it is ready."""
@@ -206,6 +232,7 @@ class ModelProcess:
             with self._lock:
                 if self.state != "closed":
                     self.state, self.reason, self._failed_at = "failed", why, time.monotonic()
+            self._free_slot()
             log.error("%s: the model process did not start (%s); calls stay in the server process", self.label, why)
             return
         with self._lock:
@@ -226,6 +253,7 @@ class ModelProcess:
             self.state = "closed"
             proc, sock = self._proc, self._sock
             self._proc = self._sock = None
+        self._free_slot()
         self._disconnect("the model process was closed", sock)
         if proc is not None:
             await asyncio.get_running_loop().run_in_executor(None, _reap, proc, timeout)
@@ -236,6 +264,7 @@ class ModelProcess:
             self.state = "closed"
             proc, sock = self._proc, self._sock
             self._proc = self._sock = None
+        self._free_slot()
         if sock is not None and self._writer is None:
             sock.close()
         if proc is not None:
@@ -305,6 +334,7 @@ class ModelProcess:
             self.state, self.reason, self._failed_at = "failed", why, time.monotonic()
             proc, sock = self._proc, self._sock
             self._proc = self._sock = None
+        self._free_slot()
         log.error("%s: the model process %s failed (%s); computing in the server process", self.label, self.pid, why)
         self._disconnect(why, sock)
         if proc is not None:

@@ -128,7 +128,7 @@ class PredictionService:
                             chunk_atoms=s.chunk_atoms, metrics=self.metrics, incoming=lambda: self.incoming,
                             max_queue_requests=s.max_queue_requests, max_queue_atoms=s.max_queue_atoms,
                             process=s.model_process, process_threads=s.model_process_threads,
-                            process_max_atoms=s.model_process_max_atoms)
+                            process_max_atoms=s.model_process_max_atoms, max_processes=s.model_process_max)
                 b.start()
                 self._live.add(b)
             out[key] = b

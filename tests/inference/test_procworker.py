@@ -327,3 +327,16 @@ def test_frames_and_results_cross_the_socket_as_flat_arrays_unchanged(model):
             assert g["energy"] == r["energy"] and g["n_dropped"] == r["n_dropped"]
             for k in ("forces", "virial") + (("atomic_energies",) if ae else ()):
                 np.testing.assert_array_equal(g[k], r[k])
+
+
+def test_model_process_max_bounds_the_children_of_all_models(model):
+    first, second = ModelProcess(model, max_processes=1), ModelProcess(model, max_processes=1)
+    try:
+        assert first.wait_started(120)
+        second.ensure_started()
+        assert second.state == "idle"  # no slot: its calls stay in the worker thread
+        first.close_now()  # the slot is free again
+        assert second.wait_started(120)
+    finally:
+        first.close_now()
+        second.close_now()
