@@ -15,8 +15,8 @@ store's O/H models in turn:
 Every 200 answer is checked against a reference computed once in this process with ``DeepPotModel.predict``
 (energy to 1e-6 relative, forces to 1e-6 of the largest force for float64 graphs, 1e-5 for float32). A 503
 (queue full, shed at once) is counted and its Retry-After honoured (at most 1 s); anything else is an error.
-Meanwhile one more client probes GET /health every 0.25 s, and the server's resident memory (psutil if
-installed, else /proc/<pid>/status VmRSS) is sampled every 0.5 s: the report gives it at the start, its
+Meanwhile one more client probes GET /health every 0.25 s, and the server's resident memory with its model
+child processes' (psutil if installed, else /proc/<pid>/status VmRSS) is sampled every 0.5 s: the report gives it at the start, its
 peak, at the end, and the slope of a straight-line fit over the last two thirds of the run (a leak shows as
 a steady positive slope).
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -51,7 +52,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from bench_service import WATER_MOLECULE, Server, water_box  # noqa: E402
+from bench_service import WATER_MOLECULE, Server, _children, water_box  # noqa: E402
 
 from app.inference.model import DeepPotModel, Frame  # noqa: E402
 from app.schemas import raw_array  # noqa: E402
@@ -230,12 +231,23 @@ class MemorySampler(threading.Thread):
             self._proc = None
 
     def rss_mb(self) -> float:
+        """The server's RSS plus its children's (the model processes of DPSERVE_MODEL_PROCESS)."""
         if self._proc is not None:
-            return self._proc.memory_info().rss / 2**20
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+            procs = [self._proc]
+            with contextlib.suppress(Exception):
+                procs += self._proc.children()
+            total = 0.0
+            for p in procs:
+                with contextlib.suppress(Exception):  # a child may be gone between listing and reading
+                    total += p.memory_info().rss / 2**20
+            return total
+        total = 0.0
+        for pid in [self.pid, *_children(self.pid)]:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        return total
 
     def run(self):
         t0 = time.perf_counter()

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
                                        "process (1: it shares the machine with the event loop)")
     model_process_max: int = Field(2, ge=1, description="model child processes at most, all models together "
                                    "(each costs about 400 MB); further models' calls stay in the server process")
-    model_process_max_atoms: int = Field(4096, ge=1, description="largest model call (atoms) sent to the child "
+    model_process_max_atoms: int = Field(1024, ge=1, description="largest model call (atoms) sent to the child "
                                          "process; larger calls run in the server process's worker thread")
 
     # -- request limits ----------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class Batcher:
     def __init__(self, model: DeepPotModel, *, wait_s: float = 0.002, max_batch_atoms: int = 65536,
                  chunk_atoms: int = 8192, metrics: Metrics | None = None, incoming: Callable[[], int] = lambda: 0,
                  max_queue_requests: int | None = None, max_queue_atoms: int | None = None,
-                 process: str = "off", process_threads: int = 1, process_max_atoms: int = 4096,
+                 process: str = "off", process_threads: int = 1, process_max_atoms: int = 1024,
                  max_processes: int | None = None):
         if process not in ("off", "auto", "on"):
             raise ValueError(f"process must be one of 'off', 'auto', 'on', got {process!r}")

@@ -147,6 +147,7 @@ class ModelProcess:
         self.restart_after_s = restart_after_s
         self.max_processes = max_processes  # children starting or ready in this server, all models together
         self._refused_logged = False
+        self._failed_starts = 0  # starts in a row that failed (for the backoff)
         self.state = "idle"  # idle -> starting -> ready; failed (restartable); closed
         self.reason = ""  # why the last child failed, for logs and tests
         self.pid: int | None = None
@@ -175,13 +176,23 @@ class ModelProcess:
         with self._lock:
             if self.state in ("starting", "ready", "closed"):
                 return
-            if self.state == "failed" and time.monotonic() - self._failed_at < self.restart_after_s:
+            if self.state == "failed" and time.monotonic() - self._failed_at < self._backoff():
                 return
             if not self._take_slot():
                 return
             self.state = "starting"
             self._starter = threading.Thread(target=self._start, name=f"dpserve-spawn-{self.label}", daemon=True)
-            self._starter.start()
+            try:
+                self._starter.start()
+            except RuntimeError as e:  # no thread to be had: stay as before, without the slot
+                self.state, self.reason, self._failed_at = "failed", f"cannot start a thread ({e})", time.monotonic()
+                self._free_slot()
+
+    def _backoff(self) -> float:
+        """Seconds before the next start after a failure: restart_after_s, doubled for every start in a row
+        that failed (a child that cannot load its model would otherwise cost ~400 MB every 30 s), at most
+        an hour."""
+        return min(self.restart_after_s * 2.0 ** max(self._failed_starts - 1, 0), 3600.0)
 
     def _take_slot(self) -> bool:
         """Count this child against ``max_processes`` (each costs ~400 MB: its own interpreter, onnxruntime,
@@ -210,9 +221,9 @@ class ModelProcess:
         return self.ready
 
     def _start(self) -> None:
-        ours, theirs = socket.socketpair()
-        proc = None
+        ours = theirs = proc = None
         try:
+            ours, theirs = socket.socketpair()
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])))
             proc = subprocess.Popen([sys.executable, "-m", "app.inference.procworker", str(theirs.fileno())],
                                     pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
@@ -223,23 +234,28 @@ class ModelProcess:
             if kind != "ready":
                 raise ModelProcessGone(str(payload))
             ours.settimeout(None)
-        except (ModelProcessGone, OSError, EOFError, pickle.UnpicklingError) as e:
+        except Exception as e:  # whatever it was, the slot is given back and the model keeps being served
             why = str(e) if isinstance(e, ModelProcessGone) else f"{type(e).__name__}: {e}"
-            theirs.close()
-            ours.close()
+            for sock in (theirs, ours):
+                if sock is not None:
+                    sock.close()
             if proc is not None:
                 _kill(proc)
             with self._lock:
                 if self.state != "closed":
                     self.state, self.reason, self._failed_at = "failed", why, time.monotonic()
-            self._free_slot()
+                    self._failed_starts += 1
+                self._free_slot()
             log.error("%s: the model process did not start (%s); calls stay in the server process", self.label, why)
             return
         with self._lock:
             if self.state != "closed":
                 self._proc, self._sock, self.pid, self.state = proc, ours, proc.pid, "ready"
+                self._failed_starts = 0
                 proc = None
-        if proc is not None:  # closed while starting
+            else:
+                self._free_slot()  # closed while starting: the slot was kept until this child is gone
+        if proc is not None:
             ours.close()
             _kill(proc)
             return
@@ -250,10 +266,11 @@ class ModelProcess:
         """Stop the child: calls in flight get ModelProcessGone; the child exits on EOF (killed after
         ``timeout`` seconds)."""
         with self._lock:
+            if self.state != "starting":  # a starting child gives its slot back when it is gone (_start)
+                self._free_slot()
             self.state = "closed"
             proc, sock = self._proc, self._sock
             self._proc = self._sock = None
-        self._free_slot()
         self._disconnect("the model process was closed", sock)
         if proc is not None:
             await asyncio.get_running_loop().run_in_executor(None, _reap, proc, timeout)
@@ -261,10 +278,11 @@ class ModelProcess:
     def close_now(self) -> None:
         """Kill the child without an event loop (tests; a process whose batcher never ran)."""
         with self._lock:
+            if self.state != "starting":  # a starting child gives its slot back when it is gone (_start)
+                self._free_slot()
             self.state = "closed"
             proc, sock = self._proc, self._sock
             self._proc = self._sock = None
-        self._free_slot()
         if sock is not None and self._writer is None:
             sock.close()
         if proc is not None:
@@ -334,7 +352,7 @@ class ModelProcess:
             self.state, self.reason, self._failed_at = "failed", why, time.monotonic()
             proc, sock = self._proc, self._sock
             self._proc = self._sock = None
-        self._free_slot()
+            self._free_slot()
         log.error("%s: the model process %s failed (%s); computing in the server process", self.label, self.pid, why)
         self._disconnect(why, sock)
         if proc is not None:

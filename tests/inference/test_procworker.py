@@ -340,3 +340,19 @@ def test_model_process_max_bounds_the_children_of_all_models(model):
     finally:
         first.close_now()
         second.close_now()
+
+
+def test_a_child_that_fails_to_start_gives_its_slot_back_and_backs_off(model):
+    refused, other = ModelProcess(model, max_processes=1), ModelProcess(model, max_processes=1)
+    refused.sha256 = "0" * 64
+    try:
+        assert not refused.wait_started(120)
+        assert refused.state == "failed"
+        assert other.wait_started(120)  # the failed start holds no slot
+        refused.restart_after_s = 10.0
+        assert refused._backoff() == 10.0
+        refused._failed_starts = 3
+        assert refused._backoff() == 40.0
+    finally:
+        refused.close_now()
+        other.close_now()
