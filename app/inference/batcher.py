@@ -285,9 +285,7 @@ class Batcher:
             self._record(frames, results, time.perf_counter() - t0, len(batch), "process")
             self._deliver(batch, results)
         finally:
-            for job in batch:
-                with contextlib.suppress(ValueError):
-                    self._current.remove(job)
+            self._release(batch)
 
     async def _run(self, batch: list[_Job], adopt: bool = True) -> None:
         """One call in the worker thread."""
@@ -312,9 +310,13 @@ class Batcher:
             self._deliver(batch, results)
         finally:
             if adopt:
-                for job in batch:
-                    with contextlib.suppress(ValueError):
-                        self._current.remove(job)
+                self._release(batch)
+
+    def _release(self, batch: list[_Job]) -> None:
+        """The jobs of a finished call are no longer running."""
+        for job in batch:
+            with contextlib.suppress(ValueError):
+                self._current.remove(job)
 
     async def _failed(self, batch: list[_Job], e: Exception) -> None:
         """A call failed: retry each request of it alone (in the worker thread), so a failure stays with the
@@ -346,10 +348,9 @@ class Batcher:
         results = predict_frames(self.model, frames, atomic_energies=atomic_energies, chunk_atoms=self.chunk_atoms,
                                  cancelled=cancelled)
         dt = time.perf_counter() - t0
-        if not (cancelled is not None and any(cancelled(k) for k in range(len(frames)))):
-            self._record(frames, results, dt, n_requests, "thread")
-        elif self.metrics is not None:
-            self._record(frames, results, dt, n_requests, "thread", rate=False)
+        # a call cut short by cancellation says nothing about throughput (Retry-After)
+        cut_short = cancelled is not None and any(cancelled(k) for k in range(len(frames)))
+        self._record(frames, results, dt, n_requests, "thread", rate=not cut_short)
         return results
 
     def _record(self, frames, results, dt: float, n_requests: int, where: str, rate: bool = True) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 
 from app.inference.model import DeepPotModel, Frame
 
-__all__ = ["PACK_MAX_ATOMS", "predict_frames"]
+__all__ = ["PACK_MAX_ATOMS", "offsets", "predict_frames"]
 
 PACK_MAX_ATOMS = 256  # isolated frames up to this size are packed
 _MARGIN = 1.0  # Angstrom, added to rcut between packed frames
@@ -43,13 +43,19 @@ def _packable(f: Frame) -> bool:
     return isolated and 0 < len(f.types) <= PACK_MAX_ATOMS
 
 
+def offsets(counts) -> np.ndarray:
+    """(m + 1,) atom offsets of frames of ``counts`` atoms laid end to end: frame k is offsets[k] .. offsets[k + 1]."""
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
 def _pack(frames: list[Frame], rcut: float) -> tuple[Frame, np.ndarray, np.ndarray]:
     """One isolated Frame holding all ``frames`` (each with at least one atom) on a cubic grid; returns it,
     the frames' atom offsets (m + 1,) and all atoms' positions centred per frame (N, 3). Whole-array
     operations: per frame they were most of the packing cost for molecules of a few atoms."""
     counts = np.fromiter((len(f.types) for f in frames), dtype=np.int64, count=len(frames))
-    bounds = np.zeros(len(frames) + 1, dtype=np.int64)
-    np.cumsum(counts, out=bounds[1:])
+    bounds = offsets(counts)
     pos = np.concatenate([np.asarray(f.positions, dtype=np.float64) for f in frames])
     starts = bounds[:-1]
     centre = 0.5 * (np.minimum.reduceat(pos, starts, axis=0) + np.maximum.reduceat(pos, starts, axis=0))

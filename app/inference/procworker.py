@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from app.inference.packing import offsets
+
 __all__ = ["ModelProcess", "ModelProcessGone", "portable"]
 
 log = logging.getLogger(__name__)
@@ -80,8 +82,7 @@ def _encode_frames(frames) -> dict:
 def _decode_frames(d: dict) -> list:
     from app.inference.model import Frame
 
-    bounds = np.zeros(len(d["counts"]) + 1, dtype=np.int64)
-    np.cumsum(d["counts"], out=bounds[1:])
+    bounds = offsets(d["counts"])
     types, pos = d["types"], d["positions"]
     frames = [Frame(types=types[a:b], positions=pos[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     for k, cell, pbc in d["periodic"]:
@@ -105,8 +106,7 @@ def _encode_results(results: list[dict], counts: np.ndarray) -> dict:
 
 
 def _decode_results(d: dict) -> list[dict]:
-    bounds = np.zeros(len(d["counts"]) + 1, dtype=np.int64)
-    np.cumsum(d["counts"], out=bounds[1:])
+    bounds = offsets(d["counts"])
     forces, virial, energy, dropped = d["forces"], d["virial"], d["energy"].tolist(), d["n_dropped"].tolist()
     ae = d.get("atomic_energies")
     out = []
@@ -262,27 +262,27 @@ class ModelProcess:
         log.info("%s: model process %d ready (%d thread%s)", self.label, self.pid, self.threads,
                  "" if self.threads == 1 else "s")
 
-    async def aclose(self, timeout: float = 5.0) -> None:
-        """Stop the child: calls in flight get ModelProcessGone; the child exits on EOF (killed after
-        ``timeout`` seconds)."""
+    def _mark_closed(self):
+        """State 'closed' for good; returns the child and socket to end (either may be None)."""
         with self._lock:
             if self.state != "starting":  # a starting child gives its slot back when it is gone (_start)
                 self._free_slot()
             self.state = "closed"
             proc, sock = self._proc, self._sock
             self._proc = self._sock = None
+        return proc, sock
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Stop the child: calls in flight get ModelProcessGone; the child exits on EOF (killed after
+        ``timeout`` seconds)."""
+        proc, sock = self._mark_closed()
         self._disconnect("the model process was closed", sock)
         if proc is not None:
             await asyncio.get_running_loop().run_in_executor(None, _reap, proc, timeout)
 
     def close_now(self) -> None:
         """Kill the child without an event loop (tests; a process whose batcher never ran)."""
-        with self._lock:
-            if self.state != "starting":  # a starting child gives its slot back when it is gone (_start)
-                self._free_slot()
-            self.state = "closed"
-            proc, sock = self._proc, self._sock
-            self._proc = self._sock = None
+        proc, sock = self._mark_closed()
         if sock is not None and self._writer is None:
             sock.close()
         if proc is not None:
