@@ -356,3 +356,18 @@ def test_a_child_that_fails_to_start_gives_its_slot_back_and_backs_off(model):
     finally:
         refused.close_now()
         other.close_now()
+
+
+def test_bad_model_process_settings_are_refused_naming_the_field_and_the_choices():
+    from pydantic import ValidationError
+
+    from app.core.config import Settings
+
+    with pytest.raises(ValidationError) as e:
+        Settings(model_process="sometimes")
+    assert "model_process" in str(e.value) and "'auto', 'on' or 'off'" in str(e.value)
+    for field in ("model_process_max", "model_process_threads", "model_process_max_atoms"):
+        with pytest.raises(ValidationError, match=field):
+            Settings(**{field: 0})
+    with pytest.raises(ValueError, match="'off', 'auto', 'on'"):
+        Batcher(object(), process="sometimes")
